@@ -1,0 +1,238 @@
+//! Run a `vioswitch` daemon as a child process and talk to its control socket.
+//!
+//! The binary is found through `VIOSWITCH_BIN`, else in the workspace's target
+//! directory (`CARGO_TARGET_DIR` or `target/`), debug before release. The test
+//! command builds it first (`cargo build --workspace --bins`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("vioswitch binary not found (looked at {0:?}): run `cargo build --workspace --bins` or set VIOSWITCH_BIN")]
+    BinaryNotFound(Vec<PathBuf>),
+    #[error("cannot start vioswitch: {0}")]
+    Spawn(std::io::Error),
+    #[error("vioswitch did not create its control socket at {0} within the deadline")]
+    NoControlSocket(PathBuf),
+    #[error("control socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("control answer is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("control command {cmd} failed: {error}")]
+    Command { cmd: String, error: Value },
+}
+
+/// Where the `vioswitch` binary is.
+pub fn vioswitch_bin() -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os("VIOSWITCH_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let candidates = vec![
+        target.join("debug/vioswitch"),
+        target.join("release/vioswitch"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or(HarnessError::BinaryNotFound(candidates))
+}
+
+/// Options of a spawned switch.
+#[derive(Debug, Clone)]
+pub struct SwitchOptions {
+    /// Number of dataplane workers.
+    pub workers: usize,
+    /// Extra command-line arguments.
+    pub extra_args: Vec<String>,
+    /// Use this binary instead of [`vioswitch_bin`].
+    pub binary: Option<PathBuf>,
+}
+
+impl Default for SwitchOptions {
+    fn default() -> Self {
+        SwitchOptions {
+            workers: 1,
+            extra_args: Vec::new(),
+            binary: None,
+        }
+    }
+}
+
+/// A running `vioswitch` with its own temporary run directory; killed on drop.
+pub struct SwitchProcess {
+    child: Child,
+    run_dir: PathBuf,
+    control: Option<ControlClient>,
+}
+
+impl SwitchProcess {
+    /// Start a switch in a fresh temporary run directory.
+    pub fn spawn(opts: SwitchOptions) -> Result<Self, HarnessError> {
+        let run_dir = crate::temp_dir("vioswitch-run")?;
+        Self::spawn_in(&run_dir, opts)
+    }
+
+    /// Start a switch on the given run directory.
+    pub fn spawn_in(run_dir: &Path, opts: SwitchOptions) -> Result<Self, HarnessError> {
+        let bin = match opts.binary {
+            Some(b) => b,
+            None => vioswitch_bin()?,
+        };
+        let child = Command::new(bin)
+            .arg("--run-dir")
+            .arg(run_dir)
+            .arg("--workers")
+            .arg(opts.workers.to_string())
+            .args(&opts.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(HarnessError::Spawn)?;
+        let mut sw = SwitchProcess {
+            child,
+            run_dir: run_dir.to_path_buf(),
+            control: None,
+        };
+        let sock = sw.control_path();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = ControlClient::connect(&sock) {
+                sw.control = Some(c);
+                return Ok(sw);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::NoControlSocket(sock));
+            }
+            if let Ok(Some(status)) = sw.child.try_wait() {
+                return Err(HarnessError::Spawn(std::io::Error::other(format!(
+                    "vioswitch exited with {status}"
+                ))));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The control socket path.
+    pub fn control_path(&self) -> PathBuf {
+        self.run_dir.join("control.sock")
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send one control command; returns `result` or the error answer.
+    pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value, HarnessError> {
+        match &mut self.control {
+            Some(c) => c.call(cmd, args),
+            None => Err(HarnessError::NoControlSocket(self.control_path())),
+        }
+    }
+
+    /// Add a server-mode net port; returns its socket path.
+    pub fn add_port(&mut self, name: &str) -> Result<PathBuf, HarnessError> {
+        let r = self.call("port.add", json!({ "name": name }))?;
+        Ok(PathBuf::from(r["socket"].as_str().unwrap_or_default()))
+    }
+
+    /// Remove a port.
+    pub fn del_port(&mut self, name: &str) -> Result<(), HarnessError> {
+        self.call("port.del", json!({ "name": name })).map(|_| ())
+    }
+
+    /// The statistics of a port, as the control socket answers them.
+    pub fn port_stats(&mut self, name: &str) -> Result<Value, HarnessError> {
+        self.call("port.stats", json!({ "name": name }))
+    }
+
+    /// Kill the daemon (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the daemon is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for SwitchProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A control-socket client: one JSON object per line each way.
+pub struct ControlClient {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl ControlClient {
+    /// Connect to a control socket.
+    pub fn connect(path: &Path) -> Result<Self, HarnessError> {
+        let s = UnixStream::connect(path)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(ControlClient {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            next_id: 1,
+        })
+    }
+
+    /// Send a raw line and read one answer line.
+    pub fn raw(&mut self, line: &str) -> Result<Value, HarnessError> {
+        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        let mut answer = String::new();
+        if self.reader.read_line(&mut answer)? == 0 {
+            return Err(HarnessError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "control socket closed",
+            )));
+        }
+        Ok(serde_json::from_str(&answer)?)
+    }
+
+    /// Send a command and return its `result`, or its error as [`HarnessError::Command`].
+    pub fn call(&mut self, cmd: &str, args: Value) -> Result<Value, HarnessError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = json!({ "id": id, "cmd": cmd, "args": args });
+        let answer = self.raw(&req.to_string())?;
+        if answer["ok"].as_bool() == Some(true) {
+            Ok(answer["result"].clone())
+        } else {
+            Err(HarnessError::Command {
+                cmd: cmd.to_string(),
+                error: answer["error"].clone(),
+            })
+        }
+    }
+}
