@@ -1,0 +1,487 @@
+#!/usr/bin/env bash
+# Build the guest image of the real-QEMU end-to-end tests:
+#
+#   DIR/vmlinux             uncompressed Debian 12 kernel (QEMU boots it via PVH)
+#   DIR/initramfs.cpio.gz   busybox initramfs whose /init loads the virtio
+#                           modules, configures eth0 from the kernel command
+#                           line, runs one job and powers off
+#   DIR/kernel-version      e.g. 6.1.0-56-amd64
+#   DIR/stamp               sha256 of this script when the image was built
+#
+# DIR is the first argument, else $VIOSWITCH_GUEST_DIR, else target/guest.
+# Cached: a rerun with everything present and this script unchanged does
+# nothing. The kernel package is fetched with `apt-get download` and unpacked
+# with `dpkg-deb -x` (nothing is installed into /boot); set
+# VIOSWITCH_GUEST_KERNEL_PKG to pin a package.
+#
+# Guest command line (read from /proc/cmdline by /init):
+#   vio.job=NAME       boot | ping | ping-loop | tcp-send | tcp-recv | serve
+#   vio.ip=A.B.C.D/N   address of eth0 (no network set up without it)
+#   vio.peer=A.B.C.D   the other guest
+#   vio.mtu=N          MTU of eth0
+#   vio.count=N        ping: echo requests; ping-loop: replies wanted per round
+#   vio.min=N          ping: replies needed for ok (default: count)
+#   vio.interval=S     ping: seconds between requests (default 0.2)
+#   vio.wait=S         ping: seconds to wait for the peer's first reply;
+#                      tcp-send: seconds to keep trying to connect;
+#                      tcp-recv: seconds to wait for the transfer (default 120)
+#   vio.deadline=S     ping-loop: seconds allowed per round (default 120)
+#   vio.rounds=N       ping-loop: rounds; between two rounds the job waits for
+#                      the peer to stop answering (for kill-and-restart tests)
+#   vio.bytes=N        tcp-send: payload size (default 1048576);
+#                      tcp-recv: expected size (ok only if it matches)
+#   vio.port=N         TCP port (default 5001)
+#   vio.linger=S       after the result, stay up S seconds (answering pings)
+#                      before powering off; default 0
+#   vio.timeout=S      watchdog: fail and power off after S seconds
+#                      (default 600; serve: none)
+#
+# Serial console markers (one line each):
+#   VIOTEST-BOOT <uptime>              /init started
+#   VIOTEST-READY ip=...               network configured (or no network)
+#   VIOTEST-PROGRESS <what>            job progress (ping-loop rounds, ...)
+#   VIOTEST-RESULT: ok <k=v ...>       the job succeeded
+#   VIOTEST-RESULT: fail <why>         the job failed
+set -euo pipefail
+
+script=$(readlink -f "${BASH_SOURCE[0]}")
+here=$(dirname "$script")
+root=$(dirname "$here")
+dir=${1:-${VIOSWITCH_GUEST_DIR:-$root/target/guest}}
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+
+log() { echo "guest-kernel: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+self_sum=$(sha256sum "$script" | cut -d' ' -f1)
+is_current() {
+    [ -s "$dir/vmlinux" ] && [ -s "$dir/initramfs.cpio.gz" ] &&
+        [ "$(cat "$dir/stamp" 2>/dev/null)" = "$self_sum" ]
+}
+if is_current; then
+    exit 0
+fi
+
+# Tools this script needs; install them if missing (and allowed to).
+need_install=0
+for c in apt-get dpkg-deb cpio gzip xz zstd flock od /bin/busybox; do
+    command -v "$c" >/dev/null 2>&1 || need_install=1
+done
+if [ "$need_install" = 1 ]; then
+    log "installing missing tools"
+    "$here/install-deps.sh"
+fi
+
+# One builder at a time (test binaries may run concurrently).
+exec 9>"$dir/.lock"
+flock 9
+if is_current; then
+    exit 0
+fi
+
+work="$dir/work"
+rm -rf "$work"
+mkdir -p "$work"
+trap 'rm -rf "$work"' EXIT
+
+# ---------------------------------------------------------------- kernel ----
+
+pick_kernel_pkg() {
+    apt-cache pkgnames linux-image-6.1.0- 2>/dev/null |
+        grep -E '^linux-image-6\.1\.0-[0-9]+-amd64$' | sort -V | tail -n 1
+}
+
+# Extract the uncompressed ELF vmlinux from a bzImage, the same idea as the
+# kernel's scripts/extract-vmlinux: the setup header says where the
+# compressed payload is (setup_sects at 0x1f1, payload_offset at 0x248,
+# payload_length at 0x24c); the payload's magic says how it is compressed;
+# its last 4 bytes are the uncompressed size. Falls back to scanning for
+# compression magics if the header does not help.
+u32_at() { od -An -t u4 -j "$2" -N 4 "$1" | tr -d ' '; }
+u8_at() { od -An -t u1 -j "$2" -N 1 "$1" | tr -d ' '; }
+
+decompress_at() { # FILE OFFSET [LENGTH] -> stdout
+    local f=$1 off=$2 len=${3:-}
+    local magic
+    magic=$(od -An -t x1 -j "$off" -N 6 "$f" | tr -d ' \n')
+    local cut
+    if [ -n "$len" ]; then
+        cut=(head -c "$len")
+    else
+        cut=(cat)
+    fi
+    # The decompressors complain about the bytes after the stream (the size
+    # word, the rest of the bzImage): ignore their status, check the output.
+    case $magic in
+    fd377a585a00*) tail -c +"$((off + 1))" "$f" | "${cut[@]}" | xz -dc --single-stream 2>/dev/null || true ;;
+    28b52ffd*) tail -c +"$((off + 1))" "$f" | "${cut[@]}" | zstd -dcq 2>/dev/null || true ;;
+    1f8b08*) tail -c +"$((off + 1))" "$f" | "${cut[@]}" | gzip -dc 2>/dev/null || true ;;
+    *) return 1 ;;
+    esac
+}
+
+is_elf() { [ "$(od -An -t x1 -N 4 "$1" 2>/dev/null | tr -d ' \n')" = 7f454c46 ]; }
+
+extract_vmlinux() { # VMLINUZ OUT
+    local in=$1 out=$2
+    if [ "$(od -An -c -j 0x202 -N 4 "$in" | tr -d ' ')" = HdrS ]; then
+        local setup_sects payload_offset payload_length start size
+        setup_sects=$(u8_at "$in" $((0x1f1)))
+        [ "$setup_sects" = 0 ] && setup_sects=4
+        payload_offset=$(u32_at "$in" $((0x248)))
+        payload_length=$(u32_at "$in" $((0x24c)))
+        start=$(((setup_sects + 1) * 512 + payload_offset))
+        size=$(u32_at "$in" $((start + payload_length - 4)))
+        if decompress_at "$in" "$start" "$payload_length" >"$out" && is_elf "$out" &&
+            [ "$(stat -c %s "$out")" = "$size" ]; then
+            log "vmlinux: payload at $start ($payload_length bytes) -> $size bytes"
+            return 0
+        fi
+        log "setup header did not lead to the payload; scanning for magics"
+    fi
+    local off
+    for off in $(LC_ALL=C grep -obUaP '\xfd7zXZ\x00|\x28\xb5\x2f\xfd|\x1f\x8b\x08' "$in" | cut -d: -f1); do
+        if decompress_at "$in" "$off" >"$out" && is_elf "$out"; then
+            log "vmlinux: compressed payload found at $off by its magic"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if [ -s "$dir/vmlinux" ] && [ -s "$dir/kernel-version" ] && [ -d "$dir/modules" ]; then
+    kver=$(cat "$dir/kernel-version")
+    log "kernel $kver already extracted"
+else
+    pkg=${VIOSWITCH_GUEST_KERNEL_PKG:-$(pick_kernel_pkg)}
+    if [ -z "$pkg" ]; then
+        log "no linux-image-6.1.0-*-amd64 in the package lists: apt-get update"
+        if [ "$(id -u)" -eq 0 ]; then
+            apt-get update -q >&2
+        else
+            sudo apt-get update -q >&2
+        fi
+        pkg=$(pick_kernel_pkg)
+    fi
+    [ -n "$pkg" ] || die "no linux-image-6.1.0-*-amd64 package found"
+    kver=${pkg#linux-image-}
+    log "downloading $pkg"
+    apt_opts=()
+    [ "$(id -u)" -eq 0 ] && apt_opts=(-o APT::Sandbox::User=root)
+    (cd "$work" && apt-get download -q "${apt_opts[@]}" "$pkg" >&2)
+    deb=$(ls "$work"/"${pkg}"_*.deb | head -n 1)
+    log "unpacking $(basename "$deb")"
+    dpkg-deb -x "$deb" "$work/pkg"
+    rm -f "$deb"
+    vmlinuz="$work/pkg/boot/vmlinuz-$kver"
+    [ -f "$vmlinuz" ] || die "$vmlinuz missing from $pkg"
+    extract_vmlinux "$vmlinuz" "$work/vmlinux" || die "cannot extract vmlinux from $vmlinuz"
+
+    # The modules the guest needs, and their dependencies, in load order
+    # (each one after what it depends on, as the modules' .modinfo says).
+    mods="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk"
+    mdir="$work/pkg/lib/modules/$kver"
+    rm -rf "$work/modules"
+    mkdir -p "$work/modules"
+    order=()
+    add_module() { # NAME [CHAIN]: extract NAME after its dependencies
+        local m=$1 chain="${2:-} $1" f deps d
+        case " ${order[*]} " in *" $m "* | *" =$m "*) return 0 ;; esac
+        case " ${2:-} " in *" $m "*) die "module dependency cycle:$chain" ;; esac
+        f=$(find "$mdir/kernel" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" -o -name "$m.ko.gz" | head -n 1)
+        if [ -z "$f" ]; then
+            if grep -qE "/$m\.ko" "$mdir/modules.builtin" 2>/dev/null; then
+                log "$m is built in"
+                order+=("=$m")
+                return 0
+            fi
+            die "module $m neither in the package nor built in"
+        fi
+        case $f in
+        *.ko.xz) xz -dc "$f" >"$work/modules/$m.ko" ;;
+        *.ko.zst) zstd -dcq "$f" >"$work/modules/$m.ko" ;;
+        *.ko.gz) gzip -dc "$f" >"$work/modules/$m.ko" ;;
+        *) cp "$f" "$work/modules/$m.ko" ;;
+        esac
+        deps=$(tr '\0' '\n' <"$work/modules/$m.ko" | sed -n 's/^depends=//p' | head -n 1 | tr ',' ' ')
+        for d in $deps; do
+            add_module "$d" "$chain"
+        done
+        order+=("$m")
+    }
+    for m in $mods; do
+        add_module "$m"
+    done
+    order=("${order[@]/=*/}")
+    printf '%s\n' "${order[@]}" | grep -v '^$' >"$work/modules/order"
+
+    rm -rf "$dir/modules"
+    mv "$work/modules" "$dir/modules"
+    mv "$work/vmlinux" "$dir/vmlinux"
+    echo "$kver" >"$dir/kernel-version"
+    rm -rf "$work/pkg"
+fi
+
+# ------------------------------------------------------------- initramfs ----
+
+ird="$work/initramfs"
+mkdir -p "$ird"/{bin,dev,proc,sys,tmp,run,etc,jobs,lib/modules}
+cp /bin/busybox "$ird/bin/busybox"
+ln -s busybox "$ird/bin/sh"
+cp "$dir"/modules/*.ko "$dir/modules/order" "$ird/lib/modules/"
+
+cat >"$ird/init" <<'EOF'
+#!/bin/sh
+# vioswitch test guest: load the virtio modules, configure eth0 from the
+# kernel command line, run one job, print its result, power off.
+export PATH=/bin
+/bin/busybox mount -t devtmpfs devtmpfs /dev
+exec </dev/console >/dev/console 2>&1
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t tmpfs tmpfs /tmp
+echo "VIOTEST-BOOT $(cut -d' ' -f1 /proc/uptime)"
+. /lib/vio.sh
+
+# vio.KEY=VALUE on the command line -> $VIO_KEY ('-' and '.' become '_').
+for w in $(cat /proc/cmdline); do
+    case $w in
+    vio.*=*)
+        k=$(echo "${w%%=*}" | cut -c5- | tr -c 'a-zA-Z0-9_\n' '_')
+        v=${w#*=}
+        eval "VIO_$k=\$v"
+        ;;
+    esac
+done
+
+for m in $(cat /lib/modules/order); do
+    insmod "/lib/modules/$m.ko" || echo "VIOTEST-WARN insmod $m failed"
+done
+
+job=${VIO_job:-boot}
+if [ ! -f "/jobs/$job" ]; then
+    result fail "unknown job $job"
+    finish
+fi
+
+timeout=${VIO_timeout:-600}
+[ "$job" = serve ] && timeout=${VIO_timeout:-0}
+if [ "$timeout" -gt 0 ] 2>/dev/null; then
+    (sleep "$timeout"; echo "VIOTEST-RESULT: fail timeout after ${timeout}s in job $job"; poweroff -f) &
+    WATCHDOG=$!
+fi
+
+if net_setup; then
+    ( . "/jobs/$job" )
+    [ -f /tmp/result ] || result fail "job $job ended without a result"
+fi
+finish
+EOF
+chmod 755 "$ird/init"
+
+cat >"$ird/lib/vio.sh" <<'EOF'
+# Helpers shared by /init and the jobs.
+
+now() { cut -d. -f1 /proc/uptime; }
+
+# result ok|fail DETAILS...: print the result marker (once).
+result() {
+    [ -f /tmp/result ] && return 0
+    : >/tmp/result
+    [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
+    echo "VIOTEST-RESULT: $*"
+}
+
+finish() {
+    if [ -n "$VIO_linger" ] && [ "$VIO_linger" -gt 0 ] 2>/dev/null; then
+        sleep "$VIO_linger"
+    fi
+    sync
+    poweroff -f
+    while :; do sleep 1; done
+}
+
+net_setup() {
+    ip link set lo up
+    if [ -z "$VIO_ip" ]; then
+        echo "VIOTEST-READY no-network eth0=$([ -e /sys/class/net/eth0 ] && echo yes || echo no)"
+        return 0
+    fi
+    i=0
+    while [ ! -e /sys/class/net/eth0 ]; do
+        i=$((i + 1))
+        if [ $i -gt 100 ]; then
+            result fail "no eth0 after 10s"
+            return 1
+        fi
+        sleep 0.1
+    done
+    [ -n "$VIO_mtu" ] && ip link set eth0 mtu "$VIO_mtu"
+    if ! ip addr add "$VIO_ip" dev eth0 || ! ip link set eth0 up; then
+        result fail "cannot configure eth0 with $VIO_ip"
+        return 1
+    fi
+    echo "VIOTEST-READY ip=$VIO_ip mac=$(cat /sys/class/net/eth0/address) uptime=$(cut -d' ' -f1 /proc/uptime)"
+}
+
+need_peer() {
+    if [ -z "$VIO_peer" ]; then
+        result fail "vio.peer not set"
+        return 1
+    fi
+}
+
+# ping_once: one echo request, 1 s to answer.
+ping_once() { ping -c 1 -W 1 "$VIO_peer" >/dev/null 2>&1; }
+
+# wait_peer SECONDS: until the peer answers once.
+wait_peer() {
+    local end=$(($(now) + $1))
+    while [ "$(now)" -lt "$end" ]; do
+        ping_once && return 0
+    done
+    return 1
+}
+
+# payload N: N deterministic bytes ("1\n2\n3\n..." cut at N).
+payload() { seq 1 $(($1 / 2 + 1)) | head -c "$1"; }
+
+sum_of() { sha256sum "$1" | cut -d' ' -f1; }
+EOF
+
+cat >"$ird/jobs/boot" <<'EOF'
+# boot: report that the guest came up (and what it sees).
+result ok "uptime=$(cut -d' ' -f1 /proc/uptime) modules=$(wc -l </proc/modules) eth0=$([ -e /sys/class/net/eth0 ] && echo yes || echo no)"
+EOF
+
+cat >"$ird/jobs/serve" <<'EOF'
+# serve: answer pings until killed (or vio.duration seconds).
+echo "VIOTEST-SERVING"
+if [ -n "$VIO_duration" ]; then
+    sleep "$VIO_duration"
+    result ok "served ${VIO_duration}s"
+else
+    while :; do sleep 3600; done
+fi
+EOF
+
+cat >"$ird/jobs/ping" <<'EOF'
+# ping: wait until the peer answers, then ping it vio.count times.
+need_peer || exit 0
+n=${VIO_count:-5}
+min=${VIO_min:-$n}
+wait=${VIO_wait:-120}
+t0=$(now)
+if ! wait_peer "$wait"; then
+    result fail "peer $VIO_peer did not answer within ${wait}s"
+    exit 0
+fi
+t1=$(now)
+out=$(ping -c "$n" -i "${VIO_interval:-0.2}" -W 5 "$VIO_peer" 2>&1)
+got=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+rtt=$(echo "$out" | sed -n 's/.*min\/avg\/max = \([^ ]*\).*/\1/p')
+got=${got:-0}
+if [ "$got" -ge "$min" ]; then
+    result ok "replies=$got sent=$n rtt=$rtt first_reply_after=$((t1 - t0))s"
+else
+    result fail "replies=$got sent=$n min=$min: $(echo "$out" | tail -n 2 | tr '\n' ' ')"
+fi
+EOF
+
+cat >"$ird/jobs/ping-loop" <<'EOF'
+# ping-loop: ping the peer until it answered vio.count times (per round) or
+# vio.deadline seconds passed. With vio.rounds=N>1, after each round but the
+# last, wait for the peer to stop answering (3 misses in a row), then start
+# the next round: for tests that kill and restart the peer.
+need_peer || exit 0
+k=${VIO_count:-3}
+deadline=${VIO_deadline:-120}
+rounds=${VIO_rounds:-1}
+round=1
+total=0
+attempts=0
+while :; do
+    got=0
+    end=$(($(now) + deadline))
+    while [ "$got" -lt "$k" ]; do
+        if [ "$(now)" -ge "$end" ]; then
+            result fail "round $round: $got/$k replies from $VIO_peer within ${deadline}s"
+            exit 0
+        fi
+        attempts=$((attempts + 1))
+        if ping_once; then
+            got=$((got + 1))
+            sleep 0.2
+        fi
+    done
+    total=$((total + got))
+    [ "$round" -ge "$rounds" ] && break
+    echo "VIOTEST-PROGRESS round=$round ok replies=$got"
+    misses=0
+    end=$(($(now) + deadline))
+    while [ "$misses" -lt 3 ]; do
+        if [ "$(now)" -ge "$end" ]; then
+            result fail "round $round: peer $VIO_peer kept answering for ${deadline}s"
+            exit 0
+        fi
+        if ping_once; then misses=0; sleep 0.5; else misses=$((misses + 1)); fi
+    done
+    echo "VIOTEST-PROGRESS round=$round peer-down"
+    round=$((round + 1))
+done
+result ok "rounds=$rounds replies=$total attempts=$attempts"
+EOF
+
+cat >"$ird/jobs/tcp-send" <<'EOF'
+# tcp-send: send vio.bytes deterministic bytes to the peer's listener.
+need_peer || exit 0
+bytes=${VIO_bytes:-1048576}
+port=${VIO_port:-5001}
+wait=${VIO_wait:-120}
+payload "$bytes" >/tmp/payload
+sum=$(sum_of /tmp/payload)
+echo "VIOTEST-PROGRESS payload bytes=$bytes sha256=$sum"
+end=$(($(now) + wait))
+tries=0
+while :; do
+    tries=$((tries + 1))
+    t0=$(now)
+    if nc -w 5 "$VIO_peer" "$port" </tmp/payload; then
+        result ok "bytes=$bytes sha256=$sum tries=$tries secs=$(($(now) - t0))"
+        exit 0
+    fi
+    if [ "$(now)" -ge "$end" ]; then
+        result fail "could not send to $VIO_peer:$port within ${wait}s ($tries tries)"
+        exit 0
+    fi
+    sleep 1
+done
+EOF
+
+cat >"$ird/jobs/tcp-recv" <<'EOF'
+# tcp-recv: accept one connection and report what arrived. busybox nc -l with
+# stdin at EOF stops early: give it a fifo opened read-write (never EOF).
+port=${VIO_port:-5001}
+wait=${VIO_wait:-120}
+mkfifo /tmp/nc.in
+echo "VIOTEST-PROGRESS listening port=$port"
+t0=$(now)
+timeout "$wait" nc -l -p "$port" <>/tmp/nc.in >/tmp/recv
+got=$(wc -c </tmp/recv)
+sum=$(sum_of /tmp/recv)
+if [ -n "$VIO_bytes" ] && [ "$got" != "$VIO_bytes" ]; then
+    result fail "bytes=$got expected=$VIO_bytes sha256=$sum secs=$(($(now) - t0))"
+elif [ "$got" = 0 ]; then
+    result fail "nothing received within ${wait}s"
+else
+    result ok "bytes=$got sha256=$sum secs=$(($(now) - t0))"
+fi
+EOF
+
+log "building initramfs"
+(cd "$ird" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -9n) >"$work/initramfs.cpio.gz"
+mv "$work/initramfs.cpio.gz" "$dir/initramfs.cpio.gz"
+echo "$self_sum" >"$dir/stamp"
+log "ready: $dir/vmlinux $dir/initramfs.cpio.gz (kernel $(cat "$dir/kernel-version"))"
