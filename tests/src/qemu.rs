@@ -1,0 +1,669 @@
+//! Real QEMU guests for the end-to-end tests.
+//!
+//! [`GuestImage::ensure`] builds (once, cached) the guest image with
+//! `scripts/guest-kernel.sh`: an uncompressed Debian 12 kernel and a busybox
+//! initramfs whose `/init` loads the virtio modules, configures `eth0` from
+//! the kernel command line, runs one job and powers off. [`QemuGuest::spawn`]
+//! boots it under TCG with a virtio-net device on a vhost-user socket (or a
+//! UDP link to another QEMU, or no network), and the test reads the job's
+//! marker lines from the serial console:
+//!
+//! ```text
+//! VIOTEST-BOOT <uptime>             /init started
+//! VIOTEST-READY ip=... mac=...      network configured
+//! VIOTEST-PROGRESS <what>           job progress
+//! VIOTEST-RESULT: ok <k=v ...>      the job succeeded
+//! VIOTEST-RESULT: fail <why>        the job failed
+//! ```
+//!
+//! Jobs (`vio.job=`): `boot`, `ping`, `ping-loop`, `tcp-send`, `tcp-recv`,
+//! `serve`; their parameters are `vio.*` kernel arguments, documented at the
+//! top of `scripts/guest-kernel.sh` (e.g. `vio.ip=10.0.0.1/24`,
+//! `vio.peer=10.0.0.2`, `vio.count=5`, `vio.bytes=1048576`).
+//!
+//! Judge a guest by its marker lines, never by QEMU's exit status (a kernel
+//! panic exits 0 with `panic=-1 -no-reboot`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Environment variable: where the guest image is cached (default
+/// `<workspace>/target/guest`).
+pub const GUEST_DIR_ENV: &str = "VIOSWITCH_GUEST_DIR";
+/// Environment variable: the QEMU binary (default `qemu-system-x86_64`).
+pub const QEMU_ENV: &str = "VIOSWITCH_QEMU";
+/// Environment variable: keep each guest's log directory after the guest is
+/// dropped (set to anything).
+pub const KEEP_LOGS_ENV: &str = "VIOSWITCH_KEEP_GUEST_LOGS";
+
+/// The prefix of a job's result line on the serial console.
+pub const RESULT_MARKER: &str = "VIOTEST-RESULT:";
+/// Printed once the guest's network is configured.
+pub const READY_MARKER: &str = "VIOTEST-READY";
+
+/// Errors of the QEMU harness.
+#[derive(Debug, thiserror::Error)]
+pub enum QemuError {
+    #[error("guest image script {0} not found")]
+    ScriptNotFound(PathBuf),
+    #[error("building the guest image failed ({status}); run scripts/install-deps.sh first? Output:\n{output}")]
+    ImageBuild { status: ExitStatus, output: String },
+    #[error("guest image incomplete after the build: {0} missing")]
+    ImageMissing(PathBuf),
+    #[error(
+        "cannot start {program} (run scripts/install-deps.sh, or set VIOSWITCH_QEMU): {source}"
+    )]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("guest {guest}: no line with {marker:?} within {timeout:?}\n{logs}")]
+    Timeout {
+        guest: String,
+        marker: String,
+        timeout: Duration,
+        logs: String,
+    },
+    #[error("guest {guest}: QEMU exited ({status}) before a line with {marker:?}\n{logs}")]
+    Exited {
+        guest: String,
+        marker: String,
+        status: ExitStatus,
+        logs: String,
+    },
+    #[error("malformed result line: {0:?}")]
+    BadResult(String),
+}
+
+/// Result alias of this module.
+pub type Result<T, E = QemuError> = std::result::Result<T, E>;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The built guest image: kernel and initramfs.
+#[derive(Debug, Clone)]
+pub struct GuestImage {
+    /// The cache directory.
+    pub dir: PathBuf,
+    /// Uncompressed kernel (`vmlinux`), booted through PVH.
+    pub kernel: PathBuf,
+    /// The busybox initramfs.
+    pub initrd: PathBuf,
+    /// The kernel release, e.g. `6.1.0-56-amd64`.
+    pub kernel_version: String,
+}
+
+impl GuestImage {
+    /// The cache directory: `$VIOSWITCH_GUEST_DIR`, else `<workspace>/target/guest`.
+    pub fn default_dir() -> PathBuf {
+        std::env::var_os(GUEST_DIR_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target/guest"))
+    }
+
+    /// Build the image in [`GuestImage::default_dir`] if needed and return it.
+    ///
+    /// Runs `scripts/guest-kernel.sh` (once per process), which returns at
+    /// once when its cache is complete and was built by the same script; on
+    /// a fresh machine it downloads the kernel package and may install the
+    /// tools it needs (`scripts/install-deps.sh`).
+    pub fn ensure() -> Result<GuestImage> {
+        static BUILT: Mutex<Option<GuestImage>> = Mutex::new(None);
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(img) = built.as_ref() {
+            return Ok(img.clone());
+        }
+        let img = Self::ensure_in(&Self::default_dir())?;
+        *built = Some(img.clone());
+        Ok(img)
+    }
+
+    /// Build the image in `dir` if needed and return it.
+    pub fn ensure_in(dir: &Path) -> Result<GuestImage> {
+        let script = workspace_root().join("scripts/guest-kernel.sh");
+        if !script.is_file() {
+            return Err(QemuError::ScriptNotFound(script));
+        }
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(dir)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| QemuError::Spawn {
+                program: "bash".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
+            output.push_str(&String::from_utf8_lossy(&out.stderr));
+            return Err(QemuError::ImageBuild {
+                status: out.status,
+                output,
+            });
+        }
+        let img = GuestImage {
+            dir: dir.to_path_buf(),
+            kernel: dir.join("vmlinux"),
+            initrd: dir.join("initramfs.cpio.gz"),
+            kernel_version: std::fs::read_to_string(dir.join("kernel-version"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        };
+        for p in [&img.kernel, &img.initrd] {
+            if !p.is_file() {
+                return Err(QemuError::ImageMissing(p.clone()));
+            }
+        }
+        Ok(img)
+    }
+}
+
+/// A guest's network device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestNet {
+    /// No network device.
+    None,
+    /// virtio-net over vhost-user: QEMU connects to the switch's port socket.
+    VhostUser { socket: PathBuf, mac: String },
+    /// A plain virtio-net device whose frames go over UDP on the loopback to
+    /// another QEMU (`-netdev socket,udp=REMOTE,localaddr=LOCAL`): two guests
+    /// on a wire, no switch. See [`GuestNet::udp_pair`].
+    Udp {
+        local: SocketAddr,
+        remote: SocketAddr,
+        mac: String,
+    },
+}
+
+impl GuestNet {
+    /// Two ends of a UDP wire on 127.0.0.1 (ports picked free by the OS).
+    pub fn udp_pair(mac_a: &str, mac_b: &str) -> std::io::Result<(GuestNet, GuestNet)> {
+        let a = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        let b = UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+        Ok((
+            GuestNet::Udp {
+                local: a,
+                remote: b,
+                mac: mac_a.to_string(),
+            },
+            GuestNet::Udp {
+                local: b,
+                remote: a,
+                mac: mac_b.to_string(),
+            },
+        ))
+    }
+}
+
+/// The usual way to start a guest on a switch port (vhost-user).
+#[derive(Debug, Clone)]
+pub struct QemuNetOpts {
+    /// The port's vhost-user socket (the switch listens on it).
+    pub socket: PathBuf,
+    /// The guest's MAC, `52:54:00:..`; see [`mac`].
+    pub mac: String,
+    /// The job (`vio.job=`).
+    pub job: String,
+    /// More kernel arguments, e.g. `vio.ip=10.0.0.1/24`.
+    pub kernel_args: Vec<String>,
+}
+
+/// Everything about a guest to start.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// A name for messages and log files.
+    pub name: String,
+    /// The network device.
+    pub net: GuestNet,
+    /// The job (`vio.job=`).
+    pub job: String,
+    /// More kernel arguments (`vio.*` job parameters).
+    pub kernel_args: Vec<String>,
+    /// Guest memory in MiB (memfd-backed and shared, as vhost-user needs).
+    pub memory_mib: u32,
+    /// More QEMU arguments (e.g. a vhost-user-blk device).
+    pub extra_qemu_args: Vec<String>,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            name: "guest".into(),
+            net: GuestNet::None,
+            job: "boot".into(),
+            kernel_args: Vec::new(),
+            memory_mib: 256,
+            extra_qemu_args: Vec::new(),
+        }
+    }
+}
+
+impl From<QemuNetOpts> for GuestConfig {
+    fn from(o: QemuNetOpts) -> Self {
+        let name = o
+            .socket
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "guest".into());
+        GuestConfig {
+            name,
+            net: GuestNet::VhostUser {
+                socket: o.socket,
+                mac: o.mac,
+            },
+            job: o.job,
+            kernel_args: o.kernel_args,
+            ..GuestConfig::default()
+        }
+    }
+}
+
+/// A locally administered MAC `52:54:00:00:00:NN`.
+pub fn mac(n: u8) -> String {
+    format!("52:54:00:00:00:{n:02x}")
+}
+
+/// The QEMU command line for `cfg` (without the program name).
+pub fn qemu_args(img: &GuestImage, cfg: &GuestConfig, serial_log: &Path) -> Vec<String> {
+    let mem = cfg.memory_mib;
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        cfg.name.clone(),
+        "-m".into(),
+        format!("{mem}M"),
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-smp".into(),
+        "1".into(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-display".into(),
+        "none".into(),
+        "-no-reboot".into(),
+        "-accel".into(),
+        "tcg".into(),
+        "-serial".into(),
+        format!("file:{}", serial_log.display()),
+    ];
+    match &cfg.net {
+        GuestNet::None => {}
+        GuestNet::VhostUser { socket, mac } => {
+            a.push("-chardev".into());
+            a.push(format!("socket,id=c0,path={}", socket.display()));
+            a.push("-netdev".into());
+            a.push("vhost-user,id=n0,chardev=c0".into());
+            a.push("-device".into());
+            // MSI-X with vhost-user-net crashes QEMU 7.2 under TCG: vectors=0.
+            a.push(format!("virtio-net-pci,netdev=n0,mac={mac},vectors=0"));
+        }
+        GuestNet::Udp { local, remote, mac } => {
+            a.push("-netdev".into());
+            a.push(format!("socket,id=n0,udp={remote},localaddr={local}"));
+            a.push("-device".into());
+            a.push(format!("virtio-net-pci,netdev=n0,mac={mac}"));
+        }
+    }
+    a.extend(cfg.extra_qemu_args.iter().cloned());
+    let mut append = format!("console=ttyS0 panic=-1 quiet vio.job={}", cfg.job);
+    for k in &cfg.kernel_args {
+        append.push(' ');
+        append.push_str(k);
+    }
+    a.push("-kernel".into());
+    a.push(img.kernel.display().to_string());
+    a.push("-initrd".into());
+    a.push(img.initrd.display().to_string());
+    a.push("-append".into());
+    a.push(append);
+    a
+}
+
+/// A job's result, parsed from its `VIOTEST-RESULT:` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestResult {
+    /// `ok` or not.
+    pub ok: bool,
+    /// Everything after `ok`/`fail`.
+    pub details: String,
+    /// The `key=value` words of the details.
+    pub fields: BTreeMap<String, String>,
+    /// The whole line.
+    pub line: String,
+}
+
+impl GuestResult {
+    /// Parse a line holding `VIOTEST-RESULT: ok|fail ...`.
+    pub fn parse(line: &str) -> Result<GuestResult> {
+        let bad = || QemuError::BadResult(line.to_string());
+        let at = line.find(RESULT_MARKER).ok_or_else(bad)?;
+        let rest = line[at + RESULT_MARKER.len()..].trim();
+        let (verdict, details) = rest.split_once(' ').unwrap_or((rest, ""));
+        let ok = match verdict {
+            "ok" => true,
+            "fail" => false,
+            _ => return Err(bad()),
+        };
+        let fields = details
+            .split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(GuestResult {
+            ok,
+            details: details.trim().to_string(),
+            fields,
+            line: line.to_string(),
+        })
+    }
+
+    /// A `key=value` field of the details.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+}
+
+/// A running QEMU guest; killed and reaped on drop.
+///
+/// QEMU gets SIGKILL if the thread that spawned it ends (PR_SET_PDEATHSIG),
+/// so no guest outlives a test that dies: spawn guests from the thread that
+/// keeps them.
+pub struct QemuGuest {
+    name: String,
+    child: Child,
+    dir: PathBuf,
+    serial: PathBuf,
+    stderr: PathBuf,
+    started: Instant,
+}
+
+impl QemuGuest {
+    /// Boot `img` with `cfg` (a [`GuestConfig`] or [`QemuNetOpts`]).
+    pub fn spawn(img: &GuestImage, cfg: impl Into<GuestConfig>) -> Result<QemuGuest> {
+        let cfg = cfg.into();
+        let dir = crate::temp_dir(&format!("vioswitch-qemu-{}", cfg.name))?;
+        let serial = dir.join("serial.log");
+        let stderr = dir.join("qemu.log");
+        // Exists from the start, so reading it before QEMU opens it works.
+        File::create(&serial)?;
+        let args = qemu_args(img, &cfg, &serial);
+        let program = std::env::var(QEMU_ENV).unwrap_or_else(|_| "qemu-system-x86_64".into());
+        let mut cmdline = File::create(dir.join("cmdline"))?;
+        writeln!(cmdline, "{program} {}", args.join(" "))?;
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr)?);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
+        // and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| QemuError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        log::debug!(
+            "guest {}: QEMU pid {} in {}",
+            cfg.name,
+            child.id(),
+            dir.display()
+        );
+        Ok(QemuGuest {
+            name: cfg.name,
+            child,
+            dir,
+            serial,
+            stderr,
+            started: Instant::now(),
+        })
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Time since the spawn.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The directory of the guest's logs.
+    pub fn log_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The serial console output so far.
+    pub fn serial_log(&self) -> String {
+        std::fs::read(&self.serial)
+            .map(|b| String::from_utf8_lossy(&b).replace('\r', ""))
+            .unwrap_or_default()
+    }
+
+    /// QEMU's own stderr so far.
+    pub fn qemu_stderr(&self) -> String {
+        std::fs::read(&self.stderr)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Both logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} serial console ---\n{}--- {} QEMU stderr ---\n{}",
+            self.name,
+            self.serial_log(),
+            self.name,
+            self.qemu_stderr()
+        )
+    }
+
+    /// The first complete serial line containing `marker`, if any yet.
+    pub fn find_line(&self, marker: &str) -> Option<String> {
+        let log = self.serial_log();
+        let complete = match log.rfind('\n') {
+            Some(end) => &log[..end],
+            None => return None,
+        };
+        complete
+            .lines()
+            .find(|l| l.contains(marker))
+            .map(|l| l.trim().to_string())
+    }
+
+    /// Wait for a serial line containing `marker` (searched from the start
+    /// of the log) and return it. Fails when QEMU exits first or the
+    /// timeout passes; the error carries the logs.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.find_line(marker) {
+                return Ok(line);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                // Whatever it wrote before exiting is in the file now.
+                if let Some(line) = self.find_line(marker) {
+                    return Ok(line);
+                }
+                return Err(QemuError::Exited {
+                    guest: self.name.clone(),
+                    marker: marker.to_string(),
+                    status,
+                    logs: self.logs(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Timeout {
+                    guest: self.name.clone(),
+                    marker: marker.to_string(),
+                    timeout,
+                    logs: self.logs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait for the job's result line and parse it.
+    pub fn result(&mut self, timeout: Duration) -> Result<GuestResult> {
+        let line = self.wait_for(RESULT_MARKER, timeout)?;
+        GuestResult::parse(&line)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Wait for QEMU to exit by itself (the guest powers off after its job).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Timeout {
+                    guest: self.name.clone(),
+                    marker: "<QEMU exit>".into(),
+                    timeout,
+                    logs: self.logs(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill QEMU (SIGKILL) and reap it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuGuest {
+    fn drop(&mut self) {
+        self.kill();
+        if std::env::var_os(KEEP_LOGS_ENV).is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The payload the `tcp-send` job sends: `1\n2\n3\n...` cut at `n` bytes
+/// (the guest makes it with `seq 1 $((n/2+1)) | head -c n`).
+pub fn payload(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 16);
+    let mut i = 1u64;
+    while v.len() < n {
+        v.extend_from_slice(i.to_string().as_bytes());
+        v.push(b'\n');
+        i += 1;
+    }
+    v.truncate(n);
+    v
+}
+
+/// SHA-256 of `data` as lowercase hex, computed by `sha256sum` (coreutils).
+pub fn sha256_hex(data: &[u8]) -> Result<String> {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|source| QemuError::Spawn {
+            program: "sha256sum".into(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(data)?;
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_result_lines() {
+        let r =
+            GuestResult::parse("\u{1b}[0mVIOTEST-RESULT: ok replies=5 sent=5 rtt=1/2/3").unwrap();
+        assert!(r.ok);
+        assert_eq!(r.get("replies"), Some("5"));
+        assert_eq!(r.details, "replies=5 sent=5 rtt=1/2/3");
+        let r = GuestResult::parse("VIOTEST-RESULT: fail peer 10.0.0.2 did not answer").unwrap();
+        assert!(!r.ok);
+        assert_eq!(r.details, "peer 10.0.0.2 did not answer");
+        let r = GuestResult::parse("VIOTEST-RESULT: ok").unwrap();
+        assert!(r.ok && r.details.is_empty());
+        assert!(GuestResult::parse("VIOTEST-RESULT: maybe").is_err());
+        assert!(GuestResult::parse("nothing here").is_err());
+    }
+
+    #[test]
+    fn payload_matches_the_guest_generator() {
+        assert_eq!(payload(0), b"");
+        assert_eq!(payload(5), b"1\n2\n3");
+        assert_eq!(payload(25), b"1\n2\n3\n4\n5\n6\n7\n8\n9\n10\n11\n1");
+    }
+
+    #[test]
+    fn vhost_user_command_line() {
+        let img = GuestImage {
+            dir: "/g".into(),
+            kernel: "/g/vmlinux".into(),
+            initrd: "/g/initramfs.cpio.gz".into(),
+            kernel_version: String::new(),
+        };
+        let cfg: GuestConfig = QemuNetOpts {
+            socket: "/run/vm1.sock".into(),
+            mac: mac(1),
+            job: "ping".into(),
+            kernel_args: vec!["vio.ip=10.0.0.1/24".into()],
+        }
+        .into();
+        assert_eq!(cfg.name, "vm1");
+        let a = qemu_args(&img, &cfg, Path::new("/tmp/s.log")).join(" ");
+        assert!(a.contains(
+            "-object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem"
+        ));
+        assert!(a.contains("-nodefaults -no-user-config -display none -no-reboot -accel tcg"));
+        assert!(a.contains("-chardev socket,id=c0,path=/run/vm1.sock -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,vectors=0"));
+        assert!(a.ends_with("-append console=ttyS0 panic=-1 quiet vio.job=ping vio.ip=10.0.0.1/24"));
+    }
+}
