@@ -4,6 +4,12 @@
 //! moves frames between them as an L2 learning switch. See the README and
 //! `docs/` for the architecture.
 
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
 pub mod fdb;
 pub mod mem;
+pub mod port;
+pub mod stats;
+pub mod vhost_user;
 pub mod vring;

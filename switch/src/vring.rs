@@ -120,6 +120,12 @@ impl Chain {
     }
 }
 
+// SAFETY: a `Chain` is scratch space: its pointers are a view into guest
+// memory valid only during the batch that walked it, and they are never
+// dereferenced after that batch. Moving the (stale) values across threads,
+// as a worker's scratch space moves into its thread, is harmless.
+unsafe impl Send for Chain {}
+
 impl Default for Chain {
     fn default() -> Self {
         Self::new()
@@ -434,6 +440,11 @@ impl Vring {
             let flags = u16::from_le(unsafe { std::ptr::read_volatile(self.avail as *const u16) });
             flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
         }
+    }
+
+    /// Replace the eventfd used to signal the guest.
+    pub fn set_call(&mut self, call: Option<EventFd>) {
+        self.call = call;
     }
 
     /// Signal the guest unconditionally (NOTIFY_ON_EMPTY, or after a fault).

@@ -1,0 +1,212 @@
+//! The control channel: JSON lines over a Unix socket.
+//!
+//! Each request is one JSON object on one line,
+//! `{"id": 7, "cmd": "port.add", "args": {...}}`, answered by one line,
+//! `{"id": 7, "ok": true, "result": {...}}` or
+//! `{"id": 7, "ok": false, "error": {"code": "not_found", "message": "..."}}`.
+//! The protocol is written down in `docs/control-protocol.md`.
+//!
+//! Every client has its own thread, so a slow or stuck client holds nothing
+//! but itself; a line over [`MAX_LINE`] bytes or a half line left for
+//! [`STALL_TIMEOUT`] ends that client's connection.
+
+mod commands;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+pub use commands::dispatch;
+
+use crate::daemon::Switch;
+
+/// Longest request line.
+pub const MAX_LINE: usize = 64 * 1024;
+/// How long a client may leave a request half sent.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most clients served at once.
+pub const MAX_CLIENTS: usize = 256;
+/// Version of the control protocol.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ControlError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        ControlError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parse one request line and run it. Never fails: errors become answers.
+pub fn handle_line(sw: &Switch, line: &[u8]) -> Value {
+    let req: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => {
+            return error_answer(
+                Value::Null,
+                &ControlError::new("parse_error", format!("request is not valid JSON: {e}")),
+            )
+        }
+    };
+    let id = req.get("id").cloned().unwrap_or(Value::Null);
+    let Some(obj) = req.as_object() else {
+        return error_answer(
+            id,
+            &ControlError::new("invalid_request", "a request is a JSON object"),
+        );
+    };
+    let Some(cmd) = obj.get("cmd").and_then(Value::as_str) else {
+        return error_answer(
+            id,
+            &ControlError::new("invalid_request", "the request has no \"cmd\" string"),
+        );
+    };
+    let args = match obj.get("args") {
+        None | Some(Value::Null) => json!({}),
+        Some(a @ Value::Object(_)) => a.clone(),
+        Some(_) => {
+            return error_answer(
+                id,
+                &ControlError::new("invalid_request", "\"args\" must be an object"),
+            );
+        }
+    };
+    match dispatch(sw, cmd, args) {
+        Ok(result) => json!({ "id": id, "ok": true, "result": result }),
+        Err(e) => error_answer(id, &e),
+    }
+}
+
+fn error_answer(id: Value, e: &ControlError) -> Value {
+    json!({ "id": id, "ok": false, "error": { "code": e.code, "message": e.message } })
+}
+
+/// The control socket's accept loop.
+pub struct ControlServer {
+    path: PathBuf,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Bind the control socket (mode 0600) and serve it.
+    pub fn start(sw: Arc<Switch>, path: &Path) -> Result<Self, crate::port::PortError> {
+        let listener = crate::port::bind_socket(path)?;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        listener
+            .set_nonblocking(false)
+            .map_err(crate::port::PortError::Thread)?;
+        let clients = Arc::new(AtomicUsize::new(0));
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || accept_loop(sw, listener, clients))
+            .map_err(crate::port::PortError::Thread)?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        // The accept loop blocks in accept(); the process is exiting, so the
+        // thread is left to end with it.
+        drop(self.thread.take());
+    }
+}
+
+fn accept_loop(sw: Arc<Switch>, listener: UnixListener, clients: Arc<AtomicUsize>) {
+    for conn in listener.incoming() {
+        let mut conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("control: accept failed: {e}");
+                continue;
+            }
+        };
+        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            let e = ControlError::new(
+                "busy",
+                format!("more than {MAX_CLIENTS} control clients; try again later"),
+            );
+            let _ = writeln!(conn, "{}", error_answer(Value::Null, &e));
+            continue;
+        }
+        let sw = sw.clone();
+        let counter = clients.clone();
+        let spawned = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || {
+                serve_client(&sw, conn);
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            clients.fetch_sub(1, Ordering::SeqCst);
+            log::error!("control: cannot start a client thread: {e}");
+        }
+    }
+}
+
+fn serve_client(sw: &Switch, mut conn: UnixStream) {
+    if conn.set_read_timeout(Some(STALL_TIMEOUT)).is_err()
+        || conn.set_write_timeout(Some(STALL_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        // Answer every complete line in the buffer.
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = &line[..line.len() - 1];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let answer = handle_line(sw, line);
+            if writeln!(conn, "{answer}").is_err() {
+                return;
+            }
+        }
+        if buf.len() > MAX_LINE {
+            let e = ControlError::new(
+                "line_too_long",
+                format!("a request line may hold at most {MAX_LINE} bytes"),
+            );
+            let _ = writeln!(conn, "{}", error_answer(Value::Null, &e));
+            return;
+        }
+        match conn.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                if !buf.is_empty() {
+                    log::warn!("control: client left a request half sent for {STALL_TIMEOUT:?}; dropping it");
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}

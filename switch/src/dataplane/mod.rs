@@ -1,0 +1,426 @@
+//! The dataplane: polling workers that own the rings of the ports assigned to
+//! them and switch frames between those ports.
+//!
+//! Protocol events reach a worker as [`Command`]s on a channel; the caller
+//! waits for the worker's answer where the vhost-user protocol needs the ring
+//! quiescent. Frames for a port owned by another worker go through that
+//! worker's bounded lock-free [`Mailbox`].
+
+mod net;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender};
+use crossbeam_queue::ArrayQueue;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::fdb::{Fdb, PortIdx};
+use crate::mem::GuestMemory;
+use crate::stats::{PortStats, WorkerStats};
+use crate::vring::{RingAddrs, RingSetupError};
+
+pub use worker::WorkerConfig;
+
+/// Most ports one switch serves (port indices are below this).
+pub const MAX_PORTS: usize = 4096;
+/// Most queue pairs per net port.
+pub const MAX_QUEUE_PAIRS: usize = 16;
+/// Largest Ethernet frame the switch carries (jumbo frames included), without the virtio header.
+pub const MAX_FRAME_LEN: usize = 16 * 1024;
+/// Frames queued to one worker from the others.
+const MAILBOX_DEPTH: usize = 1024;
+/// Owner value of a port that no worker serves.
+const NO_WORKER: u16 = u16::MAX;
+/// How long a control-path caller waits for a worker's answer before giving up.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the dataplane's control path.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("cannot create an eventfd or epoll instance: {0}")]
+    Os(#[from] std::io::Error),
+    #[error("cannot start worker thread: {0}")]
+    Spawn(std::io::Error),
+    #[error(
+        "worker {0} did not answer within {COMMAND_TIMEOUT:?}; the dataplane is stuck or gone"
+    )]
+    WorkerGone(usize),
+    #[error("no worker {0} (the switch has {1})")]
+    NoSuchWorker(usize, usize),
+    #[error("port {0} is not attached to the dataplane")]
+    NotAttached(PortIdx),
+    #[error("queue {0} does not exist on this port")]
+    NoSuchQueue(u16),
+    #[error("cannot start ring: {0}")]
+    Ring(#[from] RingSetupError),
+}
+
+/// What a worker needs to start one ring.
+pub struct QueueSetup {
+    pub size: u16,
+    pub addrs: RingAddrs,
+    pub base: u16,
+    pub kick: Option<EventFd>,
+    pub call: Option<EventFd>,
+}
+
+/// Negotiated device features a worker needs to know.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NetFeatures {
+    pub mrg_rxbuf: bool,
+    pub event_idx: bool,
+    pub version_1: bool,
+    pub notify_on_empty: bool,
+}
+
+impl NetFeatures {
+    /// Length of the virtio-net header in front of every frame.
+    pub fn hdr_len(&self) -> usize {
+        if self.version_1 || self.mrg_rxbuf {
+            12
+        } else {
+            10
+        }
+    }
+}
+
+/// Per-port settings the dataplane applies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PortSettings {
+    /// Broadcast domain: frames stay among ports of the same VLAN (0 = none).
+    pub vlan: u16,
+}
+
+/// A request to a worker.
+pub(crate) enum Command {
+    Attach {
+        idx: PortIdx,
+        stats: Arc<PortStats>,
+        settings: PortSettings,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    Detach {
+        idx: PortIdx,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    Features {
+        idx: PortIdx,
+        features: NetFeatures,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    Memory {
+        idx: PortIdx,
+        mem: Arc<GuestMemory>,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    StartQueue {
+        idx: PortIdx,
+        queue: u16,
+        setup: QueueSetup,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    StopQueue {
+        idx: PortIdx,
+        queue: u16,
+        reply: Sender<Result<Option<u16>, DataplaneError>>,
+    },
+    SetCall {
+        idx: PortIdx,
+        queue: u16,
+        call: Option<EventFd>,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    Settings {
+        idx: PortIdx,
+        settings: PortSettings,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    Shutdown,
+}
+
+/// A frame handed from one worker to another.
+pub(crate) struct Frame {
+    pub buf: Box<[u8]>,
+    pub len: u32,
+    pub src: PortIdx,
+    /// Destination port, or [`FLOOD`].
+    pub dst: PortIdx,
+    pub vlan: u16,
+}
+
+/// `Frame::dst` of a frame to flood to every local port of its VLAN.
+pub(crate) const FLOOD: PortIdx = crate::fdb::NO_PORT;
+
+/// The inbound side of a worker that other workers use.
+pub(crate) struct Mailbox {
+    pub frames: ArrayQueue<Frame>,
+    pub pool: ArrayQueue<Box<[u8]>>,
+    pub wake: EventFd,
+    pub sleeping: AtomicBool,
+}
+
+impl Mailbox {
+    fn new() -> Result<Self, DataplaneError> {
+        let pool = ArrayQueue::new(MAILBOX_DEPTH);
+        for _ in 0..MAILBOX_DEPTH {
+            let _ = pool.push(vec![0u8; MAX_FRAME_LEN].into_boxed_slice());
+        }
+        Ok(Mailbox {
+            frames: ArrayQueue::new(MAILBOX_DEPTH),
+            pool,
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+
+    /// Wake the worker if it sleeps.
+    pub fn wake(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _ = self.wake.write(1);
+        }
+    }
+}
+
+/// State every worker shares.
+pub(crate) struct Shared {
+    pub fdb: Fdb,
+    /// Which worker serves each port.
+    pub owner: Box<[AtomicU16]>,
+    pub mailboxes: Vec<Mailbox>,
+    pub epoch: Instant,
+}
+
+impl Shared {
+    #[inline]
+    pub fn owner(&self, idx: PortIdx) -> Option<usize> {
+        match self.owner.get(usize::from(idx))?.load(Ordering::Acquire) {
+            NO_WORKER => None,
+            w => Some(usize::from(w)),
+        }
+    }
+
+    /// Milliseconds since the switch started (the FDB's clock).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+struct WorkerHandle {
+    commands: Sender<Command>,
+    wake: EventFd,
+    stats: Arc<WorkerStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The set of workers, as the control plane sees it.
+pub struct Dataplane {
+    shared: Arc<Shared>,
+    workers: Vec<WorkerHandle>,
+}
+
+impl Dataplane {
+    /// Start `n` workers.
+    pub fn start(
+        n: usize,
+        config: WorkerConfig,
+        fdb_capacity: usize,
+        ageing_ms: u64,
+    ) -> Result<Self, DataplaneError> {
+        let n = n.max(1);
+        let mailboxes = (0..n).map(|_| Mailbox::new()).collect::<Result<_, _>>()?;
+        let shared = Arc::new(Shared {
+            fdb: Fdb::new(fdb_capacity, ageing_ms),
+            owner: (0..MAX_PORTS).map(|_| AtomicU16::new(NO_WORKER)).collect(),
+            mailboxes,
+            epoch: Instant::now(),
+        });
+        let mut workers = Vec::with_capacity(n);
+        for id in 0..n {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let wake = EventFd::new(EFD_NONBLOCK)?;
+            let stats = Arc::new(WorkerStats::default());
+            let w = worker::Worker::new(
+                id,
+                shared.clone(),
+                rx,
+                wake.try_clone()?,
+                stats.clone(),
+                config,
+            )?;
+            let thread = std::thread::Builder::new()
+                .name(format!("vioswitch-worker-{id}"))
+                .spawn(move || w.run())
+                .map_err(DataplaneError::Spawn)?;
+            workers.push(WorkerHandle {
+                commands: tx,
+                wake,
+                stats,
+                thread: Some(thread),
+            });
+        }
+        Ok(Dataplane { shared, workers })
+    }
+
+    /// Number of workers.
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The FDB.
+    pub fn fdb(&self) -> &Fdb {
+        &self.shared.fdb
+    }
+
+    /// Milliseconds since start, the FDB's clock.
+    pub fn now_ms(&self) -> u64 {
+        self.shared.now_ms()
+    }
+
+    /// A worker's counters.
+    pub fn worker_stats(&self, worker: usize) -> Option<&WorkerStats> {
+        self.workers.get(worker).map(|w| &*w.stats)
+    }
+
+    /// The worker serving a port.
+    pub fn owner(&self, idx: PortIdx) -> Option<usize> {
+        self.shared.owner(idx)
+    }
+
+    fn call<T>(
+        &self,
+        worker: usize,
+        make: impl FnOnce(Sender<Result<T, DataplaneError>>) -> Command,
+    ) -> Result<T, DataplaneError> {
+        let w = self
+            .workers
+            .get(worker)
+            .ok_or(DataplaneError::NoSuchWorker(worker, self.workers.len()))?;
+        let (tx, rx) = bounded(1);
+        w.commands
+            .send(make(tx))
+            .map_err(|_| DataplaneError::WorkerGone(worker))?;
+        let _ = w.wake.write(1);
+        rx.recv_timeout(COMMAND_TIMEOUT)
+            .map_err(|_| DataplaneError::WorkerGone(worker))?
+    }
+
+    fn owner_of(&self, idx: PortIdx) -> Result<usize, DataplaneError> {
+        self.shared
+            .owner(idx)
+            .ok_or(DataplaneError::NotAttached(idx))
+    }
+
+    /// Give a port to a worker. The port has no rings until queues are started.
+    pub fn attach(
+        &self,
+        idx: PortIdx,
+        worker: usize,
+        stats: Arc<PortStats>,
+        settings: PortSettings,
+    ) -> Result<(), DataplaneError> {
+        if worker >= self.workers.len() {
+            return Err(DataplaneError::NoSuchWorker(worker, self.workers.len()));
+        }
+        self.call(worker, |reply| Command::Attach {
+            idx,
+            stats,
+            settings,
+            reply,
+        })?;
+        self.shared.owner[usize::from(idx)].store(worker as u16, Ordering::Release);
+        Ok(())
+    }
+
+    /// Take a port away from its worker. When this returns, the worker no
+    /// longer touches the port's rings or memory, and its FDB entries are gone.
+    pub fn detach(&self, idx: PortIdx) -> Result<(), DataplaneError> {
+        let worker = self.owner_of(idx)?;
+        self.shared.owner[usize::from(idx)].store(NO_WORKER, Ordering::Release);
+        let res = self.call(worker, |reply| Command::Detach { idx, reply });
+        self.shared.fdb.flush_port(idx, true);
+        res
+    }
+
+    /// Tell the worker the negotiated features.
+    pub fn set_features(&self, idx: PortIdx, features: NetFeatures) -> Result<(), DataplaneError> {
+        let w = self.owner_of(idx)?;
+        self.call(w, |reply| Command::Features {
+            idx,
+            features,
+            reply,
+        })
+    }
+
+    /// Swap the port's guest memory; returns once no copy uses the old one.
+    pub fn set_memory(&self, idx: PortIdx, mem: Arc<GuestMemory>) -> Result<(), DataplaneError> {
+        let w = self.owner_of(idx)?;
+        self.call(w, |reply| Command::Memory { idx, mem, reply })
+    }
+
+    /// Start polling (TX) or filling (RX) a ring.
+    pub fn start_queue(
+        &self,
+        idx: PortIdx,
+        queue: u16,
+        setup: QueueSetup,
+    ) -> Result<(), DataplaneError> {
+        let w = self.owner_of(idx)?;
+        self.call(w, |reply| Command::StartQueue {
+            idx,
+            queue,
+            setup,
+            reply,
+        })
+    }
+
+    /// Stop a ring; returns its next avail index if it was running.
+    pub fn stop_queue(&self, idx: PortIdx, queue: u16) -> Result<Option<u16>, DataplaneError> {
+        let w = self.owner_of(idx)?;
+        self.call(w, |reply| Command::StopQueue { idx, queue, reply })
+    }
+
+    /// Replace a running ring's call eventfd.
+    pub fn set_call(
+        &self,
+        idx: PortIdx,
+        queue: u16,
+        call: Option<EventFd>,
+    ) -> Result<(), DataplaneError> {
+        let w = self.owner_of(idx)?;
+        self.call(w, |reply| Command::SetCall {
+            idx,
+            queue,
+            call,
+            reply,
+        })
+    }
+
+    /// Change a port's settings.
+    pub fn set_settings(&self, idx: PortIdx, settings: PortSettings) -> Result<(), DataplaneError> {
+        let w = self.owner_of(idx)?;
+        self.call(w, |reply| Command::Settings {
+            idx,
+            settings,
+            reply,
+        })
+    }
+}
+
+impl std::ops::Drop for Dataplane {
+    fn drop(&mut self) {
+        for w in &self.workers {
+            let _ = w.commands.send(Command::Shutdown);
+            let _ = w.wake.write(1);
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}

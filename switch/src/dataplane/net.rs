@@ -1,0 +1,595 @@
+//! Frame switching for virtio-net ports: draining a guest's TX ring, the L2
+//! forwarding decision, and copying a frame into another guest's RX buffers
+//! (mergeable when negotiated). One copy guest to guest on the same worker.
+
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Frame, NetFeatures, PortSettings, Shared, FLOOD, MAX_FRAME_LEN, MAX_QUEUE_PAIRS};
+use crate::fdb::PortIdx;
+use crate::mem::GuestMemory;
+use crate::stats::{DropReason, PortStats};
+use crate::vring::{Chain, ChainError, Direction, RingFault, Seg, Vring};
+
+/// Most RX buffers (chains) one frame may be spread over.
+pub(super) const MAX_RX_CHAINS: usize = 32;
+/// Position value of a port this worker does not own.
+pub(super) const NOT_LOCAL: u16 = u16::MAX;
+const ETH_HLEN: u32 = 14;
+
+/// A port as its worker holds it.
+pub(super) struct NetPort {
+    pub idx: PortIdx,
+    pub stats: Arc<PortStats>,
+    pub settings: PortSettings,
+    pub features: NetFeatures,
+    pub hdr_len: u32,
+    pub mem: Arc<GuestMemory>,
+    pub rx: [Option<Vring>; MAX_QUEUE_PAIRS],
+    pub tx: [Option<Vring>; MAX_QUEUE_PAIRS],
+    pub kicks: [Option<EventFd>; 2 * MAX_QUEUE_PAIRS],
+    /// Queue-pair numbers of the running RX rings.
+    rx_active: [u8; MAX_QUEUE_PAIRS],
+    n_rx_active: usize,
+    /// Bit q set: RX ring q has used entries to publish.
+    pub rx_dirty: u32,
+    /// A guest fault stopped the port until its rings are set up again.
+    pub broken: bool,
+}
+
+impl NetPort {
+    pub fn new(idx: PortIdx, stats: Arc<PortStats>, settings: PortSettings) -> Self {
+        stats.set_broken(false);
+        NetPort {
+            idx,
+            stats,
+            settings,
+            features: NetFeatures::default(),
+            hdr_len: NetFeatures::default().hdr_len() as u32,
+            mem: Arc::new(GuestMemory::empty()),
+            rx: std::array::from_fn(|_| None),
+            tx: std::array::from_fn(|_| None),
+            kicks: std::array::from_fn(|_| None),
+            rx_active: [0; MAX_QUEUE_PAIRS],
+            n_rx_active: 0,
+            rx_dirty: 0,
+            broken: false,
+        }
+    }
+
+    /// Recompute the list of running RX rings.
+    pub fn update_rx_active(&mut self) {
+        self.n_rx_active = 0;
+        for (q, r) in self.rx.iter().enumerate() {
+            if r.is_some() {
+                self.rx_active[self.n_rx_active] = q as u8;
+                self.n_rx_active += 1;
+            }
+        }
+    }
+
+    /// Stop polling the port after a guest fault.
+    pub fn mark_broken(&mut self, what: &str) {
+        if !self.broken {
+            log::error!(
+                "port {}: {what}; the port is stopped until the guest resets its rings",
+                self.idx
+            );
+        }
+        self.broken = true;
+        self.stats.set_broken(true);
+    }
+
+    /// Publish the used entries of the RX rings written since the last call.
+    pub fn publish_rx(&mut self) {
+        let mut dirty = std::mem::take(&mut self.rx_dirty);
+        while dirty != 0 {
+            let q = dirty.trailing_zeros() as usize;
+            dirty &= dirty - 1;
+            if let Some(r) = self.rx[q].as_mut() {
+                r.publish_used();
+            }
+        }
+    }
+}
+
+/// Per-worker scratch space, allocated once.
+pub(super) struct Scratch {
+    pub tx_chain: Chain,
+    pub rx_chains: Box<[Chain; MAX_RX_CHAINS]>,
+    pub rx_used: [u32; MAX_RX_CHAINS],
+}
+
+impl Scratch {
+    pub fn new() -> Box<Self> {
+        Box::new(Scratch {
+            tx_chain: Chain::new(),
+            rx_chains: Box::new(std::array::from_fn(|_| Chain::new())),
+            rx_used: [0; MAX_RX_CHAINS],
+        })
+    }
+}
+
+/// What the forwarding loop needs besides the ports.
+pub(super) struct Ctx<'a> {
+    pub shared: &'a Shared,
+    /// Port index → position in this worker's port list, or [`NOT_LOCAL`].
+    pub local: &'a [u16],
+    pub scratch: &'a mut Scratch,
+    pub worker: usize,
+    pub now_ms: u64,
+    pub batch: u16,
+    /// Positions of ports with RX used entries to publish.
+    pub dirty: &'a mut Vec<u16>,
+    /// Bit w set: worker w was sent frames and may need waking.
+    pub remote_wake: u64,
+}
+
+impl Ctx<'_> {
+    #[inline]
+    fn mark_dirty(&mut self, ports: &mut [NetPort], pos: usize, q: usize) {
+        let p = &mut ports[pos];
+        if p.rx_dirty == 0 {
+            self.dirty.push(pos as u16);
+        }
+        p.rx_dirty |= 1 << q;
+    }
+}
+
+/// Reads a frame scattered over guest buffers.
+struct Cursor<'a> {
+    segs: &'a [Seg],
+    i: usize,
+    off: u32,
+}
+
+impl<'a> Cursor<'a> {
+    /// A cursor `skip` bytes into `segs`. The caller checked the total length.
+    #[inline]
+    fn new(segs: &'a [Seg], mut skip: u32) -> Self {
+        let mut i = 0;
+        while i < segs.len() && skip >= segs[i].len {
+            skip -= segs[i].len;
+            i += 1;
+        }
+        Cursor { segs, i, off: skip }
+    }
+
+    /// Copy `n` bytes to `dst` and advance. The caller checked that `n` bytes remain.
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `n` bytes, and the segments valid for
+    /// reads of their lengths.
+    #[inline]
+    unsafe fn copy_to(&mut self, mut dst: *mut u8, mut n: u32) {
+        while n > 0 && self.i < self.segs.len() {
+            let s = self.segs[self.i];
+            let t = (s.len - self.off).min(n);
+            // SAFETY: the caller guarantees both ranges; `std::ptr::copy` allows
+            // overlap, which a hostile frontend could arrange by sharing memory
+            // between guests. The guest may change the bytes while we copy: that
+            // changes what it receives, never our own memory.
+            unsafe {
+                std::ptr::copy(s.ptr.add(self.off as usize), dst, t as usize);
+                dst = dst.add(t as usize);
+            }
+            n -= t;
+            self.off += t;
+            if self.off == s.len {
+                self.i += 1;
+                self.off = 0;
+            }
+        }
+    }
+}
+
+/// Copy the Ethernet header of a frame that starts `skip` bytes into `segs`.
+#[inline]
+fn eth_header(segs: &[Seg], skip: u32) -> [u8; ETH_HLEN as usize] {
+    let mut eth = [0u8; ETH_HLEN as usize];
+    // SAFETY: `eth` holds ETH_HLEN bytes and the caller checked that the chain
+    // holds at least skip + ETH_HLEN bytes.
+    unsafe { Cursor::new(segs, skip).copy_to(eth.as_mut_ptr(), ETH_HLEN) };
+    eth
+}
+
+#[inline]
+fn flow_hash(eth: &[u8; 14]) -> usize {
+    usize::from(eth[5] ^ eth[11] ^ eth[4] ^ eth[10])
+}
+
+/// Copy a frame into the RX buffers of `ports[pos]`.
+///
+/// `src` holds the frame `skip` bytes in, `len` bytes long.
+#[inline]
+fn deliver(
+    ports: &mut [NetPort],
+    pos: usize,
+    src: &[Seg],
+    skip: u32,
+    len: u32,
+    hash: usize,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), DropReason> {
+    let port = &mut ports[pos];
+    if port.broken || port.n_rx_active == 0 {
+        return Err(DropReason::NoRxBuffer);
+    }
+    let q = usize::from(port.rx_active[hash % port.n_rx_active]);
+    let hdr_len = port.hdr_len;
+    let mrg = port.features.mrg_rxbuf;
+    let Some(ring) = port.rx[q].as_mut() else {
+        return Err(DropReason::NoRxBuffer);
+    };
+    let need = hdr_len + len;
+    let chains = &mut ctx.scratch.rx_chains;
+    let mut n = 0usize;
+    let mut got = 0u32;
+    let mut fault: Option<RingFault> = None;
+    let mut consumed_bad = false;
+    let mut result = Ok(());
+    while got < need {
+        if n == MAX_RX_CHAINS {
+            result = Err(DropReason::RxBufferTooSmall);
+            break;
+        }
+        match ring.avail_pending() {
+            Ok(0) => {
+                result = Err(DropReason::NoRxBuffer);
+                break;
+            }
+            Ok(_) => {}
+            Err(f) => {
+                fault = Some(f);
+                break;
+            }
+        }
+        let head = match ring.pop_head() {
+            Ok(h) => h,
+            Err(f) => {
+                fault = Some(f);
+                break;
+            }
+        };
+        let ok = ring
+            .walk(head, Direction::Writable, u32::MAX, &mut chains[n])
+            .is_ok()
+            && chains[n].total > 0;
+        if !ok {
+            if n == 0 {
+                // Consume the bad buffer so the ring moves on.
+                ring.push_used(head, 0);
+                consumed_bad = true;
+            } else {
+                ring.unpop();
+            }
+            result = Err(DropReason::BadRxDescriptor);
+            break;
+        }
+        got = got.saturating_add(chains[n].total);
+        n += 1;
+        if !mrg && got < need {
+            result = Err(DropReason::RxBufferTooSmall);
+            break;
+        }
+    }
+    if let Some(f) = fault {
+        for _ in 0..n {
+            ring.unpop();
+        }
+        port.mark_broken(&f.to_string());
+        return Err(DropReason::BadRxDescriptor);
+    }
+    if let Err(e) = result {
+        for _ in 0..n {
+            ring.unpop();
+        }
+        if consumed_bad {
+            ctx.mark_dirty(ports, pos, q);
+        }
+        return Err(e);
+    }
+    // Header: all zero but num_buffers.
+    let mut hdr = [0u8; 12];
+    if hdr_len == 12 {
+        hdr[10..12].copy_from_slice(&(n as u16).to_le_bytes());
+    }
+    let hdr_seg = [Seg {
+        ptr: hdr.as_mut_ptr(),
+        len: hdr_len,
+    }];
+    let mut hdr_cur = Cursor::new(&hdr_seg, 0);
+    let mut src_cur = Cursor::new(src, skip);
+    let mut left_hdr = hdr_len;
+    let mut left = len;
+    for k in 0..n {
+        let mut written = 0u32;
+        for s in chains[k].segs() {
+            let mut off = 0u32;
+            while off < s.len && left_hdr + left > 0 {
+                let room = s.len - off;
+                // SAFETY: `s.ptr + off` has `room` writable bytes (the walk
+                // translated the whole descriptor); the source cursors hold at
+                // least `left_hdr` and `left` bytes.
+                unsafe {
+                    if left_hdr > 0 {
+                        let t = room.min(left_hdr);
+                        hdr_cur.copy_to(s.ptr.add(off as usize), t);
+                        left_hdr -= t;
+                        off += t;
+                    } else {
+                        let t = room.min(left);
+                        src_cur.copy_to(s.ptr.add(off as usize), t);
+                        left -= t;
+                        off += t;
+                    }
+                }
+            }
+            written += off;
+            if left_hdr + left == 0 {
+                break;
+            }
+        }
+        ctx.scratch.rx_used[k] = written;
+    }
+    let port = &mut ports[pos];
+    let Some(ring) = port.rx[q].as_mut() else {
+        return Err(DropReason::NoRxBuffer);
+    };
+    for k in 0..n {
+        ring.push_used(ctx.scratch.rx_chains[k].head, ctx.scratch.rx_used[k]);
+    }
+    port.stats.add_tx(u64::from(len));
+    ctx.mark_dirty(ports, pos, q);
+    Ok(())
+}
+
+/// Hand a frame to the worker that owns `dst` (or, with [`FLOOD`], to a worker to flood).
+#[inline]
+fn send_remote(
+    worker: usize,
+    src: &[Seg],
+    skip: u32,
+    len: u32,
+    src_idx: PortIdx,
+    dst: PortIdx,
+    vlan: u16,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), DropReason> {
+    let mb = &ctx.shared.mailboxes[worker];
+    let Some(mut buf) = mb.pool.pop() else {
+        return Err(DropReason::RemoteQueueFull);
+    };
+    // SAFETY: pool buffers hold MAX_FRAME_LEN bytes and len <= MAX_FRAME_LEN
+    // (checked when the chain was walked); src holds skip + len bytes.
+    unsafe { Cursor::new(src, skip).copy_to(buf.as_mut_ptr(), len) };
+    let frame = Frame {
+        buf,
+        len,
+        src: src_idx,
+        dst,
+        vlan,
+    };
+    if let Err(f) = mb.frames.push(frame) {
+        let _ = mb.pool.push(f.buf);
+        return Err(DropReason::RemoteQueueFull);
+    }
+    ctx.remote_wake |= 1 << worker;
+    Ok(())
+}
+
+/// Flood to every local port of `vlan` but `src_pos`, and to the other workers.
+#[allow(clippy::too_many_arguments)]
+fn flood(
+    ports: &mut [NetPort],
+    src_pos: Option<usize>,
+    src: &[Seg],
+    skip: u32,
+    len: u32,
+    src_idx: PortIdx,
+    vlan: u16,
+    hash: usize,
+    to_remote: bool,
+    ctx: &mut Ctx<'_>,
+) {
+    for pos in 0..ports.len() {
+        if Some(pos) == src_pos || ports[pos].settings.vlan != vlan {
+            continue;
+        }
+        if let Err(why) = deliver(ports, pos, src, skip, len, hash, ctx) {
+            ports[pos].stats.count_drop(why);
+        }
+    }
+    if to_remote {
+        for w in 0..ctx.shared.mailboxes.len() {
+            if w != ctx.worker {
+                if let Err(why) = send_remote(w, src, skip, len, src_idx, FLOOD, vlan, ctx) {
+                    if let Some(p) = src_pos {
+                        ports[p].stats.count_drop(why);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Switch one frame that `ports[src_pos]` sent.
+#[inline]
+fn forward(
+    ports: &mut [NetPort],
+    src_pos: usize,
+    src: &[Seg],
+    skip: u32,
+    len: u32,
+    ctx: &mut Ctx<'_>,
+) {
+    let eth = eth_header(src, skip);
+    let (src_idx, vlan) = (ports[src_pos].idx, ports[src_pos].settings.vlan);
+    let dst_mac: &[u8; 6] = eth[0..6].try_into().unwrap_or(&[0xff; 6]);
+    let src_mac: &[u8; 6] = eth[6..12].try_into().unwrap_or(&[0xff; 6]);
+    if src_mac[0] & 1 == 0 {
+        ctx.shared.fdb.learn(src_mac, vlan, src_idx, ctx.now_ms);
+    }
+    let hash = flow_hash(&eth);
+    let known = if dst_mac[0] & 1 == 0 {
+        ctx.shared.fdb.lookup(dst_mac, vlan, ctx.now_ms)
+    } else {
+        None
+    };
+    let Some(dst) = known else {
+        flood(
+            ports,
+            Some(src_pos),
+            src,
+            skip,
+            len,
+            src_idx,
+            vlan,
+            hash,
+            true,
+            ctx,
+        );
+        return;
+    };
+    if dst == src_idx {
+        ports[src_pos].stats.count_drop(DropReason::SamePort);
+        return;
+    }
+    let res = match ctx.local.get(usize::from(dst)).copied() {
+        Some(pos) if pos != NOT_LOCAL => {
+            deliver(ports, usize::from(pos), src, skip, len, hash, ctx)
+                .map_err(|why| ports[usize::from(pos)].stats.count_drop(why))
+        }
+        _ => match ctx.shared.owner(dst) {
+            Some(w) if w != ctx.worker => send_remote(w, src, skip, len, src_idx, dst, vlan, ctx)
+                .map_err(|why| ports[src_pos].stats.count_drop(why)),
+            // Being detached: its entries are about to be flushed.
+            _ => {
+                flood(
+                    ports,
+                    Some(src_pos),
+                    src,
+                    skip,
+                    len,
+                    src_idx,
+                    vlan,
+                    hash,
+                    true,
+                    ctx,
+                );
+                Ok(())
+            }
+        },
+    };
+    let _ = res;
+}
+
+/// Drain up to one batch from TX queue pair `q` of `ports[pos]`. Returns the
+/// number of chains consumed.
+pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut Ctx<'_>) -> usize {
+    let port = &mut ports[pos];
+    if port.broken {
+        return 0;
+    }
+    let hdr_len = port.hdr_len;
+    let Some(ring) = port.tx[q].as_mut() else {
+        return 0;
+    };
+    let pending = match ring.avail_pending() {
+        Ok(n) => n.min(ctx.batch),
+        Err(f) => {
+            port.mark_broken(&f.to_string());
+            return 0;
+        }
+    };
+    if pending == 0 {
+        return 0;
+    }
+    let mut done = 0;
+    for _ in 0..pending {
+        let port = &mut ports[pos];
+        let Some(ring) = port.tx[q].as_mut() else {
+            break;
+        };
+        let head = match ring.pop_head() {
+            Ok(h) => h,
+            Err(f) => {
+                port.mark_broken(&f.to_string());
+                break;
+            }
+        };
+        let chain = &mut ctx.scratch.tx_chain;
+        let walked = ring.walk(
+            head,
+            Direction::Readable,
+            hdr_len + MAX_FRAME_LEN as u32,
+            chain,
+        );
+        let total = chain.total;
+        match walked {
+            Err(ChainError::TooBig) => port.stats.count_drop(DropReason::OversizedFrame),
+            Err(_) => port.stats.count_drop(DropReason::BadTxDescriptor),
+            Ok(()) if total < hdr_len + ETH_HLEN => port.stats.count_drop(DropReason::ShortFrame),
+            Ok(()) => {
+                let len = total - hdr_len;
+                port.stats.add_rx(u64::from(len));
+                // The chain's segments point into this port's memory, which
+                // stays mapped: memory changes are commands, handled between batches.
+                let segs_ptr = ctx.scratch.tx_chain.segs.as_ptr();
+                let nsegs = ctx.scratch.tx_chain.nsegs;
+                // SAFETY: `tx_chain` is not written again until the next
+                // iteration, and `forward` only writes `rx_chains`/`rx_used`
+                // of the scratch, so this view of the segments stays valid.
+                let segs = unsafe { std::slice::from_raw_parts(segs_ptr, nsegs) };
+                forward(ports, pos, segs, hdr_len, len, ctx);
+            }
+        }
+        if let Some(ring) = ports[pos].tx[q].as_mut() {
+            ring.push_used(head, 0);
+        }
+        done += 1;
+    }
+    let port = &mut ports[pos];
+    let notify_on_empty = port.features.notify_on_empty;
+    if let Some(ring) = port.tx[q].as_mut() {
+        let signalled = ring.publish_used();
+        if notify_on_empty && !signalled && ring.avail_pending() == Ok(0) {
+            ring.signal();
+        }
+    }
+    done
+}
+
+/// Deliver a frame another worker handed over. Returns the buffer.
+pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx<'_>) {
+    let seg = [Seg {
+        ptr: frame.buf.as_ptr() as *mut u8,
+        len: frame.len,
+    }];
+    let eth = eth_header(&seg, 0);
+    let hash = flow_hash(&eth);
+    if frame.dst == FLOOD {
+        let src_pos = ctx
+            .local
+            .get(usize::from(frame.src))
+            .copied()
+            .filter(|p| *p != NOT_LOCAL)
+            .map(usize::from);
+        flood(
+            ports, src_pos, &seg, 0, frame.len, frame.src, frame.vlan, hash, false, ctx,
+        );
+        return;
+    }
+    if let Some(pos) = ctx
+        .local
+        .get(usize::from(frame.dst))
+        .copied()
+        .filter(|p| *p != NOT_LOCAL)
+    {
+        let pos = usize::from(pos);
+        if let Err(why) = deliver(ports, pos, &seg, 0, frame.len, hash, ctx) {
+            ports[pos].stats.count_drop(why);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! Per-port and per-worker counters.
+//!
+//! Each counter has one writer, the worker that owns the port, which adds with
+//! a plain load and store (no locked instruction on the hot path); readers
+//! (the control channel) load them with relaxed ordering. The one counter a
+//! foreign worker may bump, [`DropReason::RemoteQueueFull`], is added atomically.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Why a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// A malformed TX descriptor chain (out of memory, loop, wrong direction, indirect).
+    BadTxDescriptor,
+    /// A TX chain with a frame shorter than an Ethernet header (or empty).
+    ShortFrame,
+    /// A frame over the switch's maximum frame size.
+    OversizedFrame,
+    /// The destination guest had no RX buffer (ring empty or not refilled).
+    NoRxBuffer,
+    /// A malformed RX descriptor chain.
+    BadRxDescriptor,
+    /// The destination's RX buffers were too small (no mergeable buffers).
+    RxBufferTooSmall,
+    /// The queue to another worker was full, or its buffer pool empty.
+    RemoteQueueFull,
+    /// The destination is the port the frame came from.
+    SamePort,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 8] = [
+        DropReason::BadTxDescriptor,
+        DropReason::ShortFrame,
+        DropReason::OversizedFrame,
+        DropReason::NoRxBuffer,
+        DropReason::BadRxDescriptor,
+        DropReason::RxBufferTooSmall,
+        DropReason::RemoteQueueFull,
+        DropReason::SamePort,
+    ];
+
+    /// The name used in statistics output.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::BadTxDescriptor => "bad_tx_descriptor",
+            DropReason::ShortFrame => "short_frame",
+            DropReason::OversizedFrame => "oversized_frame",
+            DropReason::NoRxBuffer => "no_rx_buffer",
+            DropReason::BadRxDescriptor => "bad_rx_descriptor",
+            DropReason::RxBufferTooSmall => "rx_buffer_too_small",
+            DropReason::RemoteQueueFull => "remote_queue_full",
+            DropReason::SamePort => "same_port",
+        }
+    }
+}
+
+/// Add `n` to a counter that has a single writer.
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+/// Counters of one port. "rx" is what the switch received from the guest
+/// (the guest's transmit ring), "tx" what it delivered to the guest.
+#[repr(align(64))]
+#[derive(Default)]
+pub struct PortStats {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    broken: AtomicBool,
+}
+
+/// A snapshot of [`PortStats`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PortStatsSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub broken: bool,
+}
+
+impl PortStats {
+    #[inline]
+    pub fn add_rx(&self, bytes: u64) {
+        bump(&self.rx_packets, 1);
+        bump(&self.rx_bytes, bytes);
+    }
+
+    #[inline]
+    pub fn add_tx(&self, bytes: u64) {
+        bump(&self.tx_packets, 1);
+        bump(&self.tx_bytes, bytes);
+    }
+
+    /// Count a drop (by the port's own worker).
+    #[inline]
+    pub fn count_drop(&self, why: DropReason) {
+        if why == DropReason::RemoteQueueFull {
+            self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
+        } else {
+            bump(&self.drops[why as usize], 1);
+        }
+    }
+
+    /// Count a drop from a worker that does not own the port.
+    #[inline]
+    pub fn drop_shared(&self, why: DropReason) {
+        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Mark the port broken (or repaired, on reconnect).
+    pub fn set_broken(&self, broken: bool) {
+        self.broken.store(broken, Ordering::Relaxed);
+    }
+
+    /// Whether a guest fault stopped the port.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Drops for one reason.
+    pub fn drops(&self, why: DropReason) -> u64 {
+        self.drops[why as usize].load(Ordering::Relaxed)
+    }
+
+    /// Read every counter.
+    pub fn snapshot(&self) -> PortStatsSnapshot {
+        PortStatsSnapshot {
+            rx_packets: self.rx_packets.load(Ordering::Relaxed),
+            rx_bytes: self.rx_bytes.load(Ordering::Relaxed),
+            tx_packets: self.tx_packets.load(Ordering::Relaxed),
+            tx_bytes: self.tx_bytes.load(Ordering::Relaxed),
+            drops: DropReason::ALL
+                .iter()
+                .map(|d| (d.name(), self.drops(*d)))
+                .collect(),
+            broken: self.is_broken(),
+        }
+    }
+}
+
+/// Counters of one worker.
+#[repr(align(64))]
+#[derive(Default)]
+pub struct WorkerStats {
+    busy_ns: AtomicU64,
+    idle_ns: AtomicU64,
+    batches: AtomicU64,
+    frames: AtomicU64,
+    wakeups: AtomicU64,
+}
+
+/// A snapshot of [`WorkerStats`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WorkerStatsSnapshot {
+    pub busy_ns: u64,
+    pub idle_ns: u64,
+    pub batches: u64,
+    pub frames: u64,
+    pub wakeups: u64,
+}
+
+impl WorkerStats {
+    pub fn add_busy(&self, ns: u64) {
+        bump(&self.busy_ns, ns);
+    }
+    pub fn add_idle(&self, ns: u64) {
+        bump(&self.idle_ns, ns);
+    }
+    pub fn add_batch(&self, frames: u64) {
+        bump(&self.batches, 1);
+        bump(&self.frames, frames);
+    }
+    pub fn add_wakeup(&self) {
+        bump(&self.wakeups, 1);
+    }
+    pub fn snapshot(&self) -> WorkerStatsSnapshot {
+        WorkerStatsSnapshot {
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
+            idle_ns: self.idle_ns.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            frames: self.frames.load(Ordering::Relaxed),
+            wakeups: self.wakeups.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_snapshots() {
+        let s = PortStats::default();
+        s.add_rx(60);
+        s.add_rx(40);
+        s.add_tx(10);
+        s.count_drop(DropReason::NoRxBuffer);
+        s.drop_shared(DropReason::RemoteQueueFull);
+        let snap = s.snapshot();
+        assert_eq!(
+            (
+                snap.rx_packets,
+                snap.rx_bytes,
+                snap.tx_packets,
+                snap.tx_bytes
+            ),
+            (2, 100, 1, 10)
+        );
+        assert_eq!(snap.drops["no_rx_buffer"], 1);
+        assert_eq!(snap.drops["remote_queue_full"], 1);
+        assert_eq!(snap.drops["short_frame"], 0);
+    }
+}

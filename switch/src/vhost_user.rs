@@ -1,0 +1,515 @@
+//! The vhost-user device side of one net port connection.
+//!
+//! The `vhost` crate parses the wire protocol ([`BackendReqHandler`]); this
+//! module answers it. [`NetBackend`] keeps the per-connection protocol state
+//! (features, memory table, ring set-up) and hands everything the dataplane
+//! needs to the worker that owns the port, waiting for its acknowledgement
+//! where the protocol requires the ring quiescent: `GET_VRING_BASE` answers
+//! only once the worker has stopped the ring, and a memory table change only
+//! once the worker has swapped mappings between two batches.
+//!
+//! Messages in an order the spec does not expect are handled without harm: a
+//! ring starts only once it has a size, addresses, a memory table, its kick
+//! and (with `VHOST_USER_F_PROTOCOL_FEATURES`) its enable, in whatever order
+//! they come; a message naming a queue that does not exist is refused.
+
+use std::fs::File;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::GpuBackend;
+use vhost::vhost_user::{
+    Backend, Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut,
+};
+use vhost::VhostUserMemoryRegionBase;
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::dataplane::{Dataplane, DataplaneError, NetFeatures, QueueSetup, MAX_QUEUE_PAIRS};
+use crate::fdb::PortIdx;
+use crate::mem::{GuestMemory, RegionSpec, MAX_REGIONS};
+use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
+
+/// The virtio features a net port offers.
+pub fn net_features(queue_pairs: u16) -> u64 {
+    let mut f = 1u64 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_NET_F_MRG_RXBUF
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VIRTIO_F_NOTIFY_ON_EMPTY
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if queue_pairs > 1 {
+        f |= 1 << VIRTIO_NET_F_MQ;
+    }
+    f
+}
+
+/// The vhost-user protocol features a net port offers.
+pub fn net_protocol_features(queue_pairs: u16) -> VhostUserProtocolFeatures {
+    let mut f =
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+    if queue_pairs > 1 {
+        f |= VhostUserProtocolFeatures::MQ;
+    }
+    f
+}
+
+#[derive(Default)]
+struct QueueState {
+    size: u16,
+    addrs: Option<RingAddrs>,
+    base: u16,
+    kick: Option<EventFd>,
+    /// A kick was set, with or without an fd (without: the ring is polled only).
+    kick_set: bool,
+    call: Option<EventFd>,
+    enabled: bool,
+    started: bool,
+}
+
+/// Protocol state of one connection to one net port.
+pub struct NetBackend {
+    name: String,
+    idx: PortIdx,
+    dp: Arc<Dataplane>,
+    queue_pairs: u16,
+    acked_features: u64,
+    protocol_features: u64,
+    mem: Option<Arc<GuestMemory>>,
+    queues: Vec<QueueState>,
+}
+
+fn invalid(what: &'static str) -> VhostError {
+    VhostError::InvalidOperation(what)
+}
+
+fn dp_err(e: DataplaneError) -> VhostError {
+    log::warn!("dataplane refused a request: {e}");
+    VhostError::BackendInternalError
+}
+
+fn eventfd_from(file: File) -> EventFd {
+    // SAFETY: `into_raw_fd` gives up ownership of a valid, open fd, which the
+    // EventFd then owns alone. If it is not an eventfd, reads and writes on it
+    // fail or misbehave only for this guest's notifications.
+    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+impl NetBackend {
+    /// State for a fresh connection to port `idx`.
+    pub fn new(name: &str, idx: PortIdx, dp: Arc<Dataplane>, queue_pairs: u16) -> Self {
+        let queue_pairs = queue_pairs.clamp(1, MAX_QUEUE_PAIRS as u16);
+        NetBackend {
+            name: name.to_string(),
+            idx,
+            dp,
+            queue_pairs,
+            acked_features: 0,
+            protocol_features: 0,
+            mem: None,
+            queues: (0..2 * queue_pairs)
+                .map(|_| QueueState::default())
+                .collect(),
+        }
+    }
+
+    fn queue(&mut self, index: u32) -> VhostResult<&mut QueueState> {
+        let n = self.queues.len();
+        let name = &self.name;
+        self.queues.get_mut(index as usize).ok_or_else(|| {
+            log::warn!("port {name}: request for queue {index}, which does not exist (it has {n})");
+            VhostError::InvalidParam
+        })
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Start ring `index` in the worker if everything it needs has arrived.
+    fn try_start(&mut self, index: usize) -> VhostResult<()> {
+        let Some(mem) = self.mem.clone() else {
+            return Ok(());
+        };
+        let needs_enable = self.protocol_features_acked();
+        let q = &mut self.queues[index];
+        let ready = !q.started
+            && q.size != 0
+            && q.addrs.is_some()
+            && q.kick_set
+            && (q.enabled || !needs_enable);
+        if !ready {
+            return Ok(());
+        }
+        let Some(addrs) = q.addrs else { return Ok(()) };
+        let kick = match &q.kick {
+            Some(k) => Some(k.try_clone().map_err(VhostError::SocketError)?),
+            None => None,
+        };
+        let call = match &q.call {
+            Some(c) => Some(c.try_clone().map_err(VhostError::SocketError)?),
+            None => None,
+        };
+        let setup = QueueSetup {
+            size: q.size,
+            addrs,
+            base: q.base,
+            kick,
+            call,
+        };
+        let _ = mem;
+        match self.dp.start_queue(self.idx, index as u16, setup) {
+            Ok(()) => {
+                self.queues[index].started = true;
+                log::debug!("port {}: queue {index} started", self.name);
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("port {}: cannot start queue {index}: {e}", self.name);
+                Err(VhostError::InvalidParam)
+            }
+        }
+    }
+
+    /// Stop ring `index` in the worker; its next avail index becomes the base.
+    fn stop(&mut self, index: usize) -> VhostResult<()> {
+        if !self.queues[index].started {
+            return Ok(());
+        }
+        let next = self.dp.stop_queue(self.idx, index as u16).map_err(dp_err)?;
+        let q = &mut self.queues[index];
+        q.started = false;
+        if let Some(next) = next {
+            q.base = next;
+        }
+        Ok(())
+    }
+
+    fn stop_all(&mut self) -> VhostResult<()> {
+        for i in 0..self.queues.len() {
+            self.stop(i)?;
+        }
+        Ok(())
+    }
+
+    fn install_memory(&mut self, mem: GuestMemory) -> VhostResult<()> {
+        let mem = Arc::new(mem);
+        self.dp.set_memory(self.idx, mem.clone()).map_err(dp_err)?;
+        self.mem = Some(mem);
+        for i in 0..self.queues.len() {
+            // A ring waiting for memory may start now; a failure is logged.
+            let _ = self.try_start(i);
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackendReqHandlerMut for NetBackend {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.reset_device()
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.stop_all()?;
+        for q in &mut self.queues {
+            *q = QueueState::default();
+        }
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(net_features(self.queue_pairs))
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        let offered = net_features(self.queue_pairs);
+        if features & !offered != 0 {
+            log::warn!(
+                "port {}: frontend acked features {:#x} that were not offered",
+                self.name,
+                features & !offered
+            );
+            return Err(VhostError::InvalidParam);
+        }
+        self.acked_features = features;
+        let nf = NetFeatures {
+            mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
+            event_idx: features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
+            version_1: features & (1 << VIRTIO_F_VERSION_1) != 0,
+            notify_on_empty: features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY) != 0,
+        };
+        self.dp.set_features(self.idx, nf).map_err(dp_err)?;
+        // Without protocol features, rings are enabled as soon as they start.
+        for i in 0..self.queues.len() {
+            let _ = self.try_start(i);
+        }
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        let regions = ctx
+            .iter()
+            .zip(files)
+            .map(|(r, f)| {
+                (
+                    RegionSpec {
+                        guest_phys_addr: r.guest_phys_addr,
+                        size: r.memory_size,
+                        user_addr: r.user_addr,
+                        mmap_offset: r.mmap_offset,
+                    },
+                    f,
+                )
+            })
+            .collect();
+        let mem = GuestMemory::from_table(regions).map_err(|e| {
+            log::warn!("port {}: bad memory table: {e}", self.name);
+            VhostError::InvalidParam
+        })?;
+        self.install_memory(mem)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
+            return Err(VhostError::InvalidParam);
+        }
+        if q.started {
+            return Err(invalid("queue size changed while the ring runs"));
+        }
+        q.size = num as u16;
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        if q.started {
+            return Err(invalid("ring addresses changed while the ring runs"));
+        }
+        q.addrs = Some(RingAddrs {
+            desc: descriptor,
+            avail: available,
+            used,
+        });
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        if q.started {
+            return Err(invalid("ring base changed while the ring runs"));
+        }
+        q.base = u16::try_from(base).map_err(|_| VhostError::InvalidParam)?;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        self.queue(index)?;
+        let i = index as usize;
+        self.stop(i)?;
+        let q = &mut self.queues[i];
+        // The ring is stopped: it restarts on the next kick.
+        q.kick = None;
+        q.kick_set = false;
+        q.enabled = false;
+        Ok(VhostUserVringState::new(index, u32::from(q.base)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let q = self.queue(u32::from(index))?;
+        q.kick = fd.map(eventfd_from);
+        q.kick_set = true;
+        if q.started {
+            // A new kick for a running ring: restart it with the new fd.
+            self.stop(usize::from(index))?;
+        }
+        self.try_start(usize::from(index))
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let idx = self.idx;
+        let q = self.queue(u32::from(index))?;
+        q.call = fd.map(eventfd_from);
+        if q.started {
+            let call = match &q.call {
+                Some(c) => Some(c.try_clone().map_err(VhostError::SocketError)?),
+                None => None,
+            };
+            self.dp
+                .set_call(idx, u16::from(index), call)
+                .map_err(dp_err)?;
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostResult<()> {
+        self.queue(u32::from(index)).map(|_| ())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(net_protocol_features(self.queue_pairs))
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        let offered = net_protocol_features(self.queue_pairs).bits();
+        if features & !offered != 0 {
+            log::warn!(
+                "port {}: frontend acked protocol features {:#x} that were not offered",
+                self.name,
+                features & !offered
+            );
+            return Err(VhostError::InvalidParam);
+        }
+        self.protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(u64::from(self.queue_pairs))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        let q = self.queue(index)?;
+        q.enabled = enable;
+        if enable {
+            self.try_start(index as usize)
+        } else {
+            self.stop(index as usize)
+        }
+    }
+
+    fn get_config(
+        &mut self,
+        _offset: u32,
+        _size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        Err(invalid("net ports have no vhost-user config space"))
+    }
+
+    fn set_config(
+        &mut self,
+        _offset: u32,
+        _buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        Err(invalid("net ports have no vhost-user config space"))
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {}
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
+        Err(invalid("not a GPU device"))
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        Err(invalid("shared objects are not supported"))
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        Err(invalid("inflight tracking is not offered for net ports"))
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
+        Err(invalid("inflight tracking is not offered for net ports"))
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        Ok(MAX_REGIONS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        let spec = RegionSpec {
+            guest_phys_addr: region.guest_phys_addr,
+            size: region.memory_size,
+            user_addr: region.user_addr,
+            mmap_offset: region.mmap_offset,
+        };
+        let base = self
+            .mem
+            .clone()
+            .unwrap_or_else(|| Arc::new(GuestMemory::empty()));
+        let mem = base.with_region(spec, Arc::new(fd)).map_err(|e| {
+            log::warn!("port {}: cannot add memory region: {e}", self.name);
+            VhostError::InvalidParam
+        })?;
+        self.install_memory(mem)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        let Some(base) = self.mem.clone() else {
+            return Err(VhostError::InvalidParam);
+        };
+        let mem = base
+            .without_region(region.guest_phys_addr, region.memory_size)
+            .map_err(|e| {
+                log::warn!("port {}: cannot remove memory region: {e}", self.name);
+                VhostError::InvalidParam
+            })?;
+        self.install_memory(mem)
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        Err(invalid("device state transfer is not supported"))
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        Err(invalid("no shared memory regions"))
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        Err(invalid("dirty logging is not offered"))
+    }
+}
+
+impl Drop for NetBackend {
+    fn drop(&mut self) {
+        // Best effort: the session detaches the port from its worker right
+        // after, which stops every ring in any case.
+        let _ = self.stop_all();
+    }
+}
