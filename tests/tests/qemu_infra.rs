@@ -1,17 +1,23 @@
 //! The real-QEMU test infrastructure on its own, without the switch: the
 //! guest image boots, and two guests joined by a UDP "wire"
 //! (`-netdev socket,udp=`, plain virtio-net) ping each other, move a TCP
-//! payload intact, and notice a peer that is killed and restarted. If these
-//! pass and `qemu_e2e` fails, the switch is at fault, not the guests.
+//! payload intact, and notice a peer that is killed and restarted. One more
+//! test puts two guests on DPDK's testpmd (vhost PMD, io forwarding) with
+//! exactly the vhost-user device line of `qemu_e2e`, so a known-good
+//! vhost-user backend vouches for the QEMU side. If these pass and
+//! `qemu_e2e` fails, the switch is at fault, not the guests.
 //!
 //! The guests run one at a time per test (a lock): the machines have 2 cores.
 //! Deadlines only bound a hang.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vioswitch_testkit::qemu::{
-    mac, payload, sha256_hex, GuestConfig, GuestImage, GuestNet, QemuGuest, READY_MARKER,
+    mac, payload, sha256_hex, GuestConfig, GuestImage, GuestNet, QemuGuest, QemuNetOpts,
+    READY_MARKER,
 };
 
 const BOOT: Duration = Duration::from_secs(120);
@@ -181,4 +187,107 @@ fn ping_loop_sees_a_killed_peer_come_back() {
         t0.elapsed(),
         r.details
     );
+}
+
+/// DPDK's testpmd forwarding between two vhost-user server sockets; killed
+/// on drop.
+struct TestPmd {
+    child: Child,
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl TestPmd {
+    fn spawn(dir: &Path) -> TestPmd {
+        let prefix = format!("vioswitch-{}", std::process::id());
+        let log = std::fs::File::create(dir.join("testpmd.log")).unwrap();
+        let child = Command::new("dpdk-testpmd")
+            .args(["--no-huge", "-m", "512", "--no-pci", "-l", "0,1"])
+            .arg(format!("--file-prefix={prefix}"))
+            .arg(format!(
+                "--vdev=net_vhost0,iface={}",
+                dir.join("p0.sock").display()
+            ))
+            .arg(format!(
+                "--vdev=net_vhost1,iface={}",
+                dir.join("p1.sock").display()
+            ))
+            .args(["--", "--forward-mode=io", "--auto-start", "--no-mlockall"])
+            .args(["--stats-period", "0", "--total-num-mbufs=4096"])
+            // testpmd exits at EOF on stdin: keep a pipe open.
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dpdk-testpmd (scripts/install-deps.sh installs dpdk)");
+        let mut pmd = TestPmd {
+            child,
+            dir: dir.to_path_buf(),
+            prefix,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(dir.join("p0.sock").exists() && dir.join("p1.sock").exists()) {
+            if let Ok(Some(st)) = pmd.child.try_wait() {
+                panic!("testpmd exited ({st}):\n{}", pmd.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no testpmd sockets:\n{}",
+                pmd.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pmd
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("testpmd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestPmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // EAL's runtime directory (root: /var/run/dpdk/PREFIX).
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|_| !nix::unistd::Uid::effective().is_root())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/run"));
+        let _ = std::fs::remove_dir_all(runtime.join("dpdk").join(&self.prefix));
+    }
+}
+
+#[test]
+fn vhost_user_guests_ping_through_dpdk_testpmd() {
+    let _g = serial();
+    let img = image();
+    let dir = vioswitch_testkit::temp_dir("vioswitch-testpmd").unwrap();
+    let pmd = TestPmd::spawn(&dir);
+    let t0 = Instant::now();
+    let net = |sock: &str, n: u8, ip: &str, peer: &str| QemuNetOpts {
+        socket: dir.join(sock),
+        mac: mac(n),
+        job: "ping".into(),
+        kernel_args: vec![
+            format!("vio.ip={ip}/24"),
+            format!("vio.peer={peer}"),
+            "vio.count=5".into(),
+            "vio.linger=60".into(),
+        ],
+    };
+    let mut a = QemuGuest::spawn(&img, net("p0.sock", 1, "10.0.0.1", "10.0.0.2")).unwrap();
+    let mut b = QemuGuest::spawn(&img, net("p1.sock", 2, "10.0.0.2", "10.0.0.1")).unwrap();
+    let ra = a.result(JOB).unwrap();
+    let rb = b.result(JOB).unwrap();
+    assert!(ra.ok, "{}\n{}\n{}", ra.line, a.logs(), pmd.log());
+    assert!(rb.ok, "{}\n{}\n{}", rb.line, b.logs(), pmd.log());
+    eprintln!(
+        "vhost-user via testpmd: both pinged after {:?}",
+        t0.elapsed()
+    );
+    drop(a);
+    drop(b);
+    drop(pmd);
+    let _ = std::fs::remove_dir_all(&dir);
 }
