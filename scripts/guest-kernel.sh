@@ -42,6 +42,7 @@
 #   VIOTEST-PROGRESS <what>            job progress (ping-loop rounds, ...)
 #   VIOTEST-RESULT: ok <k=v ...>       the job succeeded
 #   VIOTEST-RESULT: fail <why>         the job failed
+#   VIOTEST-DIAG eth0 ...              before a failure: eth0's counters, ARP
 set -euo pipefail
 
 script=$(readlink -f "${BASH_SOURCE[0]}")
@@ -286,11 +287,25 @@ cat >"$ird/lib/vio.sh" <<'EOF'
 
 now() { cut -d. -f1 /proc/uptime; }
 
+# diag: one line on what eth0 saw, for failure messages.
+diag() {
+    local d=/sys/class/net/eth0 s=""
+    if [ ! -e $d ]; then
+        echo "VIOTEST-DIAG no eth0"
+        return 0
+    fi
+    for c in tx_packets rx_packets tx_dropped rx_dropped rx_errors; do
+        s="$s $c=$(cat $d/statistics/$c)"
+    done
+    echo "VIOTEST-DIAG eth0 operstate=$(cat $d/operstate) carrier=$(cat $d/carrier 2>/dev/null)$s neigh=[$(ip neigh show dev eth0 | tr '\n' ';')]"
+}
+
 # result ok|fail DETAILS...: print the result marker (once).
 result() {
     [ -f /tmp/result ] && return 0
     : >/tmp/result
     [ -n "$WATCHDOG" ] && kill "$WATCHDOG" 2>/dev/null
+    [ "$1" = fail ] && diag
     echo "VIOTEST-RESULT: $*"
 }
 
