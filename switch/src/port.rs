@@ -304,6 +304,13 @@ impl Session {
                     log::info!("port {}: guest disconnected ({e})", self.name);
                     break;
                 }
+                Err(e @ VhostError::InactiveFeature(_)) => {
+                    // QEMU enables rings before it acks the features; harmless.
+                    log::debug!(
+                        "port {}: refused a request before feature negotiation: {e}",
+                        self.name
+                    );
+                }
                 Err(e) => {
                     refusals += 1;
                     log::warn!("port {}: refused a vhost-user request: {e}", self.name);

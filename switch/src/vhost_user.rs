@@ -71,6 +71,8 @@ struct QueueState {
     kick_set: bool,
     call: Option<EventFd>,
     enabled: bool,
+    /// A `SET_VRING_ENABLE` reached us for this ring since it was last stopped.
+    enable_seen: bool,
     started: bool,
 }
 
@@ -140,11 +142,24 @@ impl NetBackend {
         };
         let needs_enable = self.protocol_features_acked();
         let q = &mut self.queues[index];
+        log::debug!(
+            "port {}: queue {index}: size {} addrs {} kick {} enabled {} (needed {needs_enable})",
+            self.name,
+            q.size,
+            q.addrs.is_some(),
+            q.kick_set,
+            q.enabled
+        );
+        // QEMU 7.2 sends SET_VRING_ENABLE before SET_FEATURES, and the vhost
+        // crate refuses it then (protocol features not yet acked), so the
+        // enable never reaches us. A ring that was never explicitly enabled
+        // or disabled therefore starts on its kick, as it would without
+        // protocol features; an explicit disable still holds it.
         let ready = !q.started
             && q.size != 0
             && q.addrs.is_some()
             && q.kick_set
-            && (q.enabled || !needs_enable);
+            && (q.enabled || !needs_enable || !q.enable_seen);
         if !ready {
             return Ok(());
         }
@@ -200,6 +215,7 @@ impl NetBackend {
     }
 
     fn install_memory(&mut self, mem: GuestMemory) -> VhostResult<()> {
+        log::debug!("port {}: memory table {mem:?}", self.name);
         let mem = Arc::new(mem);
         self.dp.set_memory(self.idx, mem.clone()).map_err(dp_err)?;
         self.mem = Some(mem);
@@ -244,6 +260,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             return Err(VhostError::InvalidParam);
         }
         self.acked_features = features;
+        log::debug!("port {}: features {features:#x}", self.name);
         let nf = NetFeatures {
             mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             event_idx: features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
@@ -338,10 +355,16 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         q.kick = None;
         q.kick_set = false;
         q.enabled = false;
+        q.enable_seen = false;
         Ok(VhostUserVringState::new(index, u32::from(q.base)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        log::debug!(
+            "port {}: kick for queue {index} (fd: {})",
+            self.name,
+            fd.is_some()
+        );
         let q = self.queue(u32::from(index))?;
         q.kick = fd.map(eventfd_from);
         q.kick_set = true;
@@ -397,6 +420,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
         let q = self.queue(index)?;
         q.enabled = enable;
+        q.enable_seen = true;
         if enable {
             self.try_start(index as usize)
         } else {
