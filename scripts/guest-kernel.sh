@@ -93,6 +93,20 @@ pick_kernel_pkg() {
         grep -E '^linux-image-6\.1\.0-[0-9]+-amd64$' | sort -V | tail -n 1
 }
 
+apt_update() {
+    if [ "$(id -u)" -eq 0 ]; then
+        apt-get update -q >&2
+    else
+        sudo apt-get update -q >&2
+    fi
+}
+
+download() { # PACKAGE -> $work/PACKAGE_*.deb
+    local apt_opts=()
+    [ "$(id -u)" -eq 0 ] && apt_opts=(-o APT::Sandbox::User=root)
+    (cd "$work" && apt-get download -q "${apt_opts[@]}" "$1" >&2)
+}
+
 # Extract the uncompressed ELF vmlinux from a bzImage, the same idea as the
 # kernel's scripts/extract-vmlinux: the setup header says where the
 # compressed payload is (setup_sects at 0x1f1, payload_offset at 0x248,
@@ -158,19 +172,19 @@ else
     pkg=${VIOSWITCH_GUEST_KERNEL_PKG:-$(pick_kernel_pkg)}
     if [ -z "$pkg" ]; then
         log "no linux-image-6.1.0-*-amd64 in the package lists: apt-get update"
-        if [ "$(id -u)" -eq 0 ]; then
-            apt-get update -q >&2
-        else
-            sudo apt-get update -q >&2
-        fi
+        apt_update
         pkg=$(pick_kernel_pkg)
     fi
     [ -n "$pkg" ] || die "no linux-image-6.1.0-*-amd64 package found"
-    kver=${pkg#linux-image-}
     log "downloading $pkg"
-    apt_opts=()
-    [ "$(id -u)" -eq 0 ] && apt_opts=(-o APT::Sandbox::User=root)
-    (cd "$work" && apt-get download -q "${apt_opts[@]}" "$pkg" >&2)
+    if ! download "$pkg"; then
+        # Stale lists name a version the archive no longer has.
+        log "download failed: apt-get update and retry"
+        apt_update
+        [ -n "${VIOSWITCH_GUEST_KERNEL_PKG:-}" ] || pkg=$(pick_kernel_pkg)
+        download "$pkg" || die "cannot download $pkg"
+    fi
+    kver=${pkg#linux-image-}
     deb=$(ls "$work"/"${pkg}"_*.deb | head -n 1)
     log "unpacking $(basename "$deb")"
     dpkg-deb -x "$deb" "$work/pkg"
