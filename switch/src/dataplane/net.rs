@@ -199,19 +199,34 @@ fn flow_hash(eth: &[u8; 14]) -> usize {
     usize::from(eth[5] ^ eth[11] ^ eth[4] ^ eth[10])
 }
 
+/// A frame being switched: where it lies and where it comes from.
+#[derive(Clone, Copy)]
+struct FrameRef<'a> {
+    /// The buffers holding the frame, `skip` bytes in, `len` bytes long.
+    segs: &'a [Seg],
+    skip: u32,
+    len: u32,
+    src: PortIdx,
+    vlan: u16,
+    /// Picks the destination's RX queue.
+    hash: usize,
+}
+
 /// Copy a frame into the RX buffers of `ports[pos]`.
-///
-/// `src` holds the frame `skip` bytes in, `len` bytes long.
 #[inline]
 fn deliver(
     ports: &mut [NetPort],
     pos: usize,
-    src: &[Seg],
-    skip: u32,
-    len: u32,
-    hash: usize,
+    f: FrameRef<'_>,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), DropReason> {
+    let FrameRef {
+        segs: src,
+        skip,
+        len,
+        hash,
+        ..
+    } = f;
     let port = &mut ports[pos];
     if port.broken || port.n_rx_active == 0 {
         return Err(DropReason::NoRxBuffer);
@@ -349,14 +364,18 @@ fn deliver(
 #[inline]
 fn send_remote(
     worker: usize,
-    src: &[Seg],
-    skip: u32,
-    len: u32,
-    src_idx: PortIdx,
+    f: FrameRef<'_>,
     dst: PortIdx,
-    vlan: u16,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), DropReason> {
+    let FrameRef {
+        segs: src,
+        skip,
+        len,
+        src: src_idx,
+        vlan,
+        ..
+    } = f;
     let mb = &ctx.shared.mailboxes[worker];
     let Some(mut buf) = mb.pool.pop() else {
         return Err(DropReason::RemoteQueueFull);
@@ -380,31 +399,25 @@ fn send_remote(
 }
 
 /// Flood to every local port of `vlan` but `src_pos`, and to the other workers.
-#[allow(clippy::too_many_arguments)]
 fn flood(
     ports: &mut [NetPort],
     src_pos: Option<usize>,
-    src: &[Seg],
-    skip: u32,
-    len: u32,
-    src_idx: PortIdx,
-    vlan: u16,
-    hash: usize,
+    f: FrameRef<'_>,
     to_remote: bool,
     ctx: &mut Ctx<'_>,
 ) {
     for pos in 0..ports.len() {
-        if Some(pos) == src_pos || ports[pos].settings.vlan != vlan {
+        if Some(pos) == src_pos || ports[pos].settings.vlan != f.vlan {
             continue;
         }
-        if let Err(why) = deliver(ports, pos, src, skip, len, hash, ctx) {
+        if let Err(why) = deliver(ports, pos, f, ctx) {
             ports[pos].stats.count_drop(why);
         }
     }
     if to_remote {
         for w in 0..ctx.shared.mailboxes.len() {
             if w != ctx.worker {
-                if let Err(why) = send_remote(w, src, skip, len, src_idx, FLOOD, vlan, ctx) {
+                if let Err(why) = send_remote(w, f, FLOOD, ctx) {
                     if let Some(p) = src_pos {
                         ports[p].stats.count_drop(why);
                     }
@@ -431,58 +444,44 @@ fn forward(
     if src_mac[0] & 1 == 0 {
         ctx.shared.fdb.learn(src_mac, vlan, src_idx, ctx.now_ms);
     }
-    let hash = flow_hash(&eth);
+    let f = FrameRef {
+        segs: src,
+        skip,
+        len,
+        src: src_idx,
+        vlan,
+        hash: flow_hash(&eth),
+    };
     let known = if dst_mac[0] & 1 == 0 {
         ctx.shared.fdb.lookup(dst_mac, vlan, ctx.now_ms)
     } else {
         None
     };
     let Some(dst) = known else {
-        flood(
-            ports,
-            Some(src_pos),
-            src,
-            skip,
-            len,
-            src_idx,
-            vlan,
-            hash,
-            true,
-            ctx,
-        );
+        flood(ports, Some(src_pos), f, true, ctx);
         return;
     };
     if dst == src_idx {
         ports[src_pos].stats.count_drop(DropReason::SamePort);
         return;
     }
-    let res = match ctx.local.get(usize::from(dst)).copied() {
+    match ctx.local.get(usize::from(dst)).copied() {
         Some(pos) if pos != NOT_LOCAL => {
-            deliver(ports, usize::from(pos), src, skip, len, hash, ctx)
-                .map_err(|why| ports[usize::from(pos)].stats.count_drop(why))
+            let pos = usize::from(pos);
+            if let Err(why) = deliver(ports, pos, f, ctx) {
+                ports[pos].stats.count_drop(why);
+            }
         }
         _ => match ctx.shared.owner(dst) {
-            Some(w) if w != ctx.worker => send_remote(w, src, skip, len, src_idx, dst, vlan, ctx)
-                .map_err(|why| ports[src_pos].stats.count_drop(why)),
-            // Being detached: its entries are about to be flushed.
-            _ => {
-                flood(
-                    ports,
-                    Some(src_pos),
-                    src,
-                    skip,
-                    len,
-                    src_idx,
-                    vlan,
-                    hash,
-                    true,
-                    ctx,
-                );
-                Ok(())
+            Some(w) if w != ctx.worker => {
+                if let Err(why) = send_remote(w, f, dst, ctx) {
+                    ports[src_pos].stats.count_drop(why);
+                }
             }
+            // Being detached: its entries are about to be flushed.
+            _ => flood(ports, Some(src_pos), f, true, ctx),
         },
-    };
-    let _ = res;
+    }
 }
 
 /// Drain up to one batch from TX queue pair `q` of `ports[pos]`. Returns the
@@ -568,7 +567,14 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
         len: frame.len,
     }];
     let eth = eth_header(&seg, 0);
-    let hash = flow_hash(&eth);
+    let f = FrameRef {
+        segs: &seg,
+        skip: 0,
+        len: frame.len,
+        src: frame.src,
+        vlan: frame.vlan,
+        hash: flow_hash(&eth),
+    };
     if frame.dst == FLOOD {
         let src_pos = ctx
             .local
@@ -576,9 +582,7 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
             .copied()
             .filter(|p| *p != NOT_LOCAL)
             .map(usize::from);
-        flood(
-            ports, src_pos, &seg, 0, frame.len, frame.src, frame.vlan, hash, false, ctx,
-        );
+        flood(ports, src_pos, f, false, ctx);
         return;
     }
     if let Some(pos) = ctx
@@ -588,7 +592,7 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
         .filter(|p| *p != NOT_LOCAL)
     {
         let pos = usize::from(pos);
-        if let Err(why) = deliver(ports, pos, &seg, 0, frame.len, hash, ctx) {
+        if let Err(why) = deliver(ports, pos, f, ctx) {
             ports[pos].stats.count_drop(why);
         }
     }
