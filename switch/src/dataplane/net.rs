@@ -597,3 +597,41 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segs(bufs: &mut [Vec<u8>]) -> Vec<Seg> {
+        bufs.iter_mut()
+            .map(|b| Seg {
+                ptr: b.as_mut_ptr(),
+                len: b.len() as u32,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cursor_copies_across_segments_after_a_skip() {
+        let mut bufs = vec![vec![0u8, 1, 2], vec![], vec![3, 4, 5, 6], vec![7, 8, 9]];
+        let s = segs(&mut bufs);
+        let mut out = [0u8; 6];
+        let mut cur = Cursor::new(&s, 2);
+        // SAFETY: `out` has 6 bytes and the segments hold 10 - 2 bytes.
+        unsafe { cur.copy_to(out.as_mut_ptr(), 6) };
+        assert_eq!(out, [2, 3, 4, 5, 6, 7]);
+        let mut rest = [0u8; 2];
+        // SAFETY: 2 bytes remain.
+        unsafe { cur.copy_to(rest.as_mut_ptr(), 2) };
+        assert_eq!(rest, [8, 9]);
+    }
+
+    #[test]
+    fn ethernet_header_may_straddle_descriptors() {
+        // A 12-byte virtio header alone, then the frame split mid-MAC.
+        let mut bufs = vec![vec![0u8; 12], (0u8..4).collect(), (4u8..20).collect()];
+        let s = segs(&mut bufs);
+        let eth = eth_header(&s, 12);
+        assert_eq!(eth.to_vec(), (0u8..14).collect::<Vec<_>>());
+    }
+}
