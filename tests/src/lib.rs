@@ -2,6 +2,7 @@
 //! harness that runs the daemon, and QEMU guest helpers. Used by the
 //! integration and end-to-end tests and by the benchmark's traffic generator.
 
+pub mod frames;
 pub mod guest;
 pub mod qemu;
 pub mod switch;

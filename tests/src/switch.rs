@@ -52,6 +52,9 @@ pub fn vioswitch_bin() -> Result<PathBuf, HarnessError> {
         .ok_or(HarnessError::BinaryNotFound(candidates))
 }
 
+/// File in the run directory that [`SwitchProcess::spawn_logged`] logs to.
+pub const LOG_FILE: &str = "vioswitch.log";
+
 /// Options of a spawned switch.
 #[derive(Debug, Clone)]
 pub struct SwitchOptions {
@@ -89,6 +92,34 @@ impl SwitchProcess {
 
     /// Start a switch on the given run directory.
     pub fn spawn_in(run_dir: &Path, opts: SwitchOptions) -> Result<Self, HarnessError> {
+        Self::spawn_with(run_dir, opts, Stdio::inherit())
+    }
+
+    /// Start a switch in a fresh temporary run directory with its standard
+    /// error (its log) going to [`log_path`](Self::log_path), so that a test
+    /// can read what it logged with [`log_text`](Self::log_text).
+    pub fn spawn_logged(opts: SwitchOptions) -> Result<Self, HarnessError> {
+        let run_dir = crate::temp_dir("vioswitch-run")?;
+        let log = std::fs::File::create(run_dir.join(LOG_FILE))?;
+        Self::spawn_with(&run_dir, opts, Stdio::from(log))
+    }
+
+    /// Where [`spawn_logged`](Self::spawn_logged) sends the daemon's log.
+    pub fn log_path(&self) -> PathBuf {
+        self.run_dir.join(LOG_FILE)
+    }
+
+    /// What the daemon has logged so far (empty unless started with
+    /// [`spawn_logged`](Self::spawn_logged)).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn_with(
+        run_dir: &Path,
+        opts: SwitchOptions,
+        stderr: Stdio,
+    ) -> Result<Self, HarnessError> {
         let bin = match opts.binary {
             Some(b) => b,
             None => vioswitch_bin()?,
@@ -104,6 +135,7 @@ impl SwitchProcess {
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(HarnessError::Spawn)?;
         let mut sw = SwitchProcess {
