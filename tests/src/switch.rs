@@ -207,6 +207,11 @@ impl SwitchProcess {
         let _ = self.child.wait();
     }
 
+    /// How the daemon ended, if it has (e.g. killed by a signal).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Whether the daemon is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
