@@ -50,7 +50,7 @@ echo '```'
 echo "date:    $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 echo "nproc:   $(nproc)"
 echo "kernel:  $(uname -srm)"
-echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git status --porcelain switch bench 2>/dev/null | grep -q . && echo ' (switch/ or bench/ has uncommitted changes)')"
 echo "testpmd: $(dpkg-query -W -f='dpdk ${Version}' dpdk 2>/dev/null || echo '?')"
 lscpu | head -n 15
 echo '```'
