@@ -1,4 +1,5 @@
-//! The switch as a whole: run directory, dataplane, ports and housekeeping.
+//! The switch as a whole: run directory, dataplane, ports, saved state and
+//! housekeeping.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -8,15 +9,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
+use serde_json::json;
 
+use crate::config::{ConfigError, StaticEntry, SwitchState, STATE_FILE};
 use crate::dataplane::{Dataplane, DataplaneError, WorkerConfig};
+use crate::events::EventBus;
+use crate::fdb::{Learn, PortIdx};
 use crate::port::{PortError, PortSpec, PortTable};
 
 /// Most workers.
 pub const MAX_WORKERS: usize = 64;
+/// Default FDB ageing time.
+pub const DEFAULT_AGEING: Duration = Duration::from_secs(300);
 
-/// Errors starting the switch.
+/// Errors starting or changing the switch.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchError {
     #[error("cannot create run directory {path}: {source}; pick another with --run-dir")]
@@ -30,6 +37,16 @@ pub enum SwitchError {
     AlreadyRunning { path: PathBuf, pid: String },
     #[error("--workers must be between 1 and {MAX_WORKERS}, got {0}")]
     BadWorkers(usize),
+    #[error("invalid MAC address {0:?}: use six hex bytes like 52:54:00:12:34:56")]
+    BadMac(String),
+    #[error("{0} is a multicast MAC address; static entries are for unicast addresses")]
+    MulticastMac(String),
+    #[error("the FDB has no room near this address")]
+    FdbFull,
+    #[error("no static entry for {0} in VLAN {1}")]
+    NoStatic(String, u16),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
@@ -38,24 +55,27 @@ pub enum SwitchError {
     Thread(std::io::Error),
 }
 
-/// Start-up settings.
+/// Start-up settings. `None` fields come from the saved state, else defaults.
 #[derive(Debug, Clone)]
 pub struct SwitchConfig {
     pub run_dir: PathBuf,
-    pub workers: usize,
+    pub workers: Option<usize>,
     pub worker: WorkerConfig,
     pub fdb_capacity: usize,
-    pub ageing: Duration,
+    pub ageing: Option<Duration>,
+    /// The declarative configuration, used when the run directory has no saved state.
+    pub initial: Option<SwitchState>,
 }
 
 impl SwitchConfig {
     pub fn new(run_dir: PathBuf) -> Self {
         SwitchConfig {
             run_dir,
-            workers: 1,
+            workers: None,
             worker: WorkerConfig::default(),
             fdb_capacity: 1 << 16,
-            ageing: Duration::from_millis(crate::fdb::DEFAULT_AGEING_MS),
+            ageing: None,
+            initial: None,
         }
     }
 }
@@ -73,12 +93,42 @@ pub fn default_run_dir() -> PathBuf {
     }
 }
 
+/// Parse `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], SwitchError> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let bad = || SwitchError::BadMac(s.to_string());
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+/// Format a MAC address.
+pub fn mac_string(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 /// A running switch.
 pub struct Switch {
     run_dir: PathBuf,
     dp: Arc<Dataplane>,
     ports: Mutex<PortTable>,
+    statics: Mutex<Vec<StaticEntry>>,
+    events: Arc<EventBus>,
     started: Instant,
+    ageing_s: u64,
+    /// Serialises writers of the saved state.
+    save_lock: Mutex<()>,
     housekeeping: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     /// Holds the run directory's lock for the switch's lifetime.
     _lock: File,
@@ -115,39 +165,78 @@ fn lock_run_dir(dir: &Path) -> Result<File, SwitchError> {
 }
 
 impl Switch {
-    /// Take the run directory and start the dataplane.
+    /// Take the run directory, start the dataplane and bring back the saved
+    /// state (or the initial configuration when there is none).
     pub fn start(cfg: SwitchConfig) -> Result<Arc<Self>, SwitchError> {
-        if cfg.workers == 0 || cfg.workers > MAX_WORKERS {
-            return Err(SwitchError::BadWorkers(cfg.workers));
-        }
         let lock = lock_run_dir(&cfg.run_dir)?;
+        let saved = SwitchState::load(&cfg.run_dir.join(STATE_FILE))?;
+        let from_saved = saved.is_some();
+        let state = saved.or(cfg.initial).unwrap_or_default();
+        let workers = cfg.workers.or(state.workers).unwrap_or(1);
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(SwitchError::BadWorkers(workers));
+        }
+        let ageing = cfg
+            .ageing
+            .or(state.fdb_ageing_s.map(Duration::from_secs))
+            .unwrap_or(DEFAULT_AGEING);
+        let (faults_tx, faults_rx) = unbounded();
         let dp = Arc::new(Dataplane::start(
-            cfg.workers,
+            workers,
             cfg.worker,
             cfg.fdb_capacity,
-            cfg.ageing.as_millis() as u64,
+            ageing.as_millis() as u64,
+            faults_tx,
         )?);
+        let events = Arc::new(EventBus::default());
+        let sw = Arc::new(Switch {
+            run_dir: cfg.run_dir,
+            ports: Mutex::new(PortTable::new(dp.clone(), events.clone())),
+            statics: Mutex::new(Vec::new()),
+            dp,
+            events,
+            started: Instant::now(),
+            ageing_s: ageing.as_secs(),
+            save_lock: Mutex::new(()),
+            housekeeping: Mutex::new(None),
+            _lock: lock,
+        });
         let (stop_tx, stop_rx) = bounded::<()>(1);
-        let hk_dp = dp.clone();
+        let hk_sw = Arc::downgrade(&sw);
         let hk = std::thread::Builder::new()
             .name("housekeeping".into())
-            .spawn(move || {
-                // Age the FDB once a second until told to stop.
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stop_rx.recv_timeout(Duration::from_secs(1))
-                {
-                    hk_dp.fdb().sweep(hk_dp.now_ms());
-                }
-            })
+            .spawn(move || housekeeping(hk_sw, stop_rx, faults_rx))
             .map_err(SwitchError::Thread)?;
-        Ok(Arc::new(Switch {
-            run_dir: cfg.run_dir,
-            ports: Mutex::new(PortTable::new(dp.clone())),
-            dp,
-            started: Instant::now(),
-            housekeeping: Mutex::new(Some((stop_tx, hk))),
-            _lock: lock,
-        }))
+        *sw.housekeeping.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop_tx, hk));
+        sw.restore(&state);
+        if from_saved {
+            log::info!(
+                "restored {} port(s) from the saved state",
+                state.ports.len()
+            );
+        }
+        if let Err(e) = sw.save() {
+            log::error!("{e}");
+        }
+        Ok(sw)
+    }
+
+    /// Add the ports and static entries of `state`; failures are logged.
+    fn restore(&self, state: &SwitchState) {
+        for spec in &state.ports {
+            if let Err(e) = self.ports().add(spec.clone()) {
+                log::error!("cannot restore port {}: {e}", spec.name);
+            }
+        }
+        for e in &state.fdb_static {
+            if let Err(err) = self.add_static(&e.mac, e.vlan, &e.port) {
+                log::error!(
+                    "cannot restore static FDB entry {} → {}: {err}",
+                    e.mac,
+                    e.port
+                );
+            }
+        }
     }
 
     /// The run directory.
@@ -160,10 +249,19 @@ impl Switch {
         &self.dp
     }
 
+    /// Events for subscribers.
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
     /// The port table, locked.
     pub fn ports(&self) -> MutexGuard<'_, PortTable> {
         // A panic while holding the lock would be a bug; the table stays usable.
         self.ports.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn statics(&self) -> MutexGuard<'_, Vec<StaticEntry>> {
+        self.statics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Time since start.
@@ -173,19 +271,76 @@ impl Switch {
 
     /// Add a port with its socket in the run directory.
     pub fn add_default_port(&self, name: &str) -> Result<(), PortError> {
-        let spec = PortSpec {
-            name: name.to_string(),
-            socket: self.run_dir.join(format!("{name}.sock")),
-            queue_pairs: 1,
-            vlan: 0,
-            worker: None,
-        };
+        let spec = PortSpec::server(name, self.run_dir.join(format!("{name}.sock")));
         self.ports().add(spec).map(|_| ())
     }
 
-    /// Disconnect every guest and remove every port socket.
+    /// Add (or replace) a static FDB entry.
+    pub fn add_static(&self, mac: &str, vlan: u16, port: &str) -> Result<(), SwitchError> {
+        let m = parse_mac(mac)?;
+        if m[0] & 1 != 0 {
+            return Err(SwitchError::MulticastMac(mac.to_string()));
+        }
+        let idx = self.ports().get(port)?.idx;
+        let fdb = self.dp.fdb();
+        fdb.remove(&m, vlan);
+        if fdb.add_static(&m, vlan, idx) == Learn::Full {
+            return Err(SwitchError::FdbFull);
+        }
+        let mut statics = self.statics();
+        let canon = mac_string(&m);
+        statics.retain(|e| !(e.mac == canon && e.vlan == vlan));
+        statics.push(StaticEntry {
+            mac: canon,
+            vlan,
+            port: port.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Remove a static FDB entry.
+    pub fn del_static(&self, mac: &str, vlan: u16) -> Result<(), SwitchError> {
+        let m = parse_mac(mac)?;
+        let canon = mac_string(&m);
+        let mut statics = self.statics();
+        let before = statics.len();
+        statics.retain(|e| !(e.mac == canon && e.vlan == vlan));
+        if statics.len() == before {
+            return Err(SwitchError::NoStatic(canon, vlan));
+        }
+        self.dp.fdb().remove(&m, vlan);
+        Ok(())
+    }
+
+    /// Forget the static entries of a removed port.
+    pub fn forget_statics_of(&self, port: &str) {
+        self.statics().retain(|e| e.port != port);
+    }
+
+    /// The running configuration.
+    pub fn state(&self) -> SwitchState {
+        let ports = self.ports().specs();
+        SwitchState {
+            workers: Some(self.dp.worker_count()),
+            fdb_ageing_s: Some(self.ageing_s),
+            ports,
+            fdb_static: self.statics().clone(),
+            ..SwitchState::default()
+        }
+    }
+
+    /// Save the running configuration to the run directory, atomically.
+    pub fn save(&self) -> Result<(), ConfigError> {
+        let _guard = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.run_dir.join(STATE_FILE);
+        self.state().save(&path)?;
+        self.events.emit("config.saved", json!({ "path": path }));
+        Ok(())
+    }
+
+    /// Disconnect every guest and remove every port socket. The saved state
+    /// is kept, so the next start brings the ports back.
     pub fn shutdown(&self) {
-        self.ports().clear();
         let hk = self
             .housekeeping
             .lock()
@@ -195,5 +350,57 @@ impl Switch {
             let _ = stop.send(());
             let _ = thread.join();
         }
+        self.ports().clear();
+    }
+}
+
+/// Age the FDB once a second and report ports whose guest broke a ring.
+fn housekeeping(sw: std::sync::Weak<Switch>, stop: Receiver<()>, faults: Receiver<PortIdx>) {
+    let tick = crossbeam_channel::tick(Duration::from_secs(1));
+    loop {
+        select! {
+            recv(stop) -> _ => return,
+            recv(faults) -> idx => {
+                let (Ok(idx), Some(sw)) = (idx, sw.upgrade()) else { return };
+                let name = sw.ports().by_index(idx).map(|p| p.spec.name.clone());
+                if let Some(name) = name {
+                    sw.events.emit("port.broken", json!({ "port": name }));
+                }
+            }
+            recv(tick) -> _ => {
+                let Some(sw) = sw.upgrade() else { return };
+                sw.dp.fdb().sweep(sw.dp.now_ms());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_print() {
+        assert_eq!(
+            parse_mac("52:54:00:AB:cd:0f").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]
+        );
+        assert_eq!(
+            parse_mac("52-54-00-ab-cd-0f").unwrap(),
+            [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]
+        );
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:11",
+            "5:54:00:ab:cd:0f",
+            "zz:54:00:ab:cd:0f",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            mac_string(&[0x52, 0x54, 0, 0xab, 0xcd, 0x0f]),
+            "52:54:00:ab:cd:0f"
+        );
     }
 }

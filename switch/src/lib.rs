@@ -4,9 +4,11 @@
 //! moves frames between them as an L2 learning switch. See the README and
 //! `docs/` for the architecture.
 
+pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod events;
 pub mod fdb;
 pub mod mem;
 pub mod port;

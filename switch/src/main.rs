@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 
+use vioswitch::config::SwitchState;
 use vioswitch::control::ControlServer;
 use vioswitch::daemon::{default_run_dir, Switch, SwitchConfig};
 
@@ -19,9 +20,18 @@ struct Args {
     /// [default: /run/vioswitch for root, else $XDG_RUNTIME_DIR/vioswitch]
     #[arg(long, env = "VIOSWITCH_RUN_DIR")]
     run_dir: Option<PathBuf>,
-    /// Number of dataplane worker threads.
-    #[arg(long, default_value_t = 1)]
-    workers: usize,
+    /// Number of dataplane worker threads [default: as saved, else 1].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Start-up configuration (TOML: workers, fdb_ageing_s, [[port]] and
+    /// [[fdb_static]] tables), used when the run directory holds no saved
+    /// state; `vioctl config show --toml` prints one.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Let members of GROUP use the control socket (mode 0660) besides root
+    /// and the daemon's own user.
+    #[arg(long, value_name = "GROUP")]
+    control_group: Option<String>,
     /// Create a port NAME with its socket at RUN_DIR/NAME.sock (repeatable).
     #[arg(long = "port", value_name = "NAME")]
     ports: Vec<String>,
@@ -31,9 +41,9 @@ struct Args {
     /// Frames a worker takes from one ring per visit.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=256))]
     batch: u16,
-    /// Seconds before an unused MAC address is forgotten.
-    #[arg(long, default_value_t = 300)]
-    fdb_ageing: u64,
+    /// Seconds before an unused MAC address is forgotten [default: as saved, else 300].
+    #[arg(long)]
+    fdb_ageing: Option<u64>,
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -46,17 +56,27 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     signals.thread_block()?;
 
     let run_dir = args.run_dir.unwrap_or_else(default_run_dir);
+    let group = match &args.control_group {
+        Some(g) => Some(resolve_group(g)?),
+        None => None,
+    };
     let mut cfg = SwitchConfig::new(run_dir.clone());
     cfg.workers = args.workers;
     cfg.worker.idle_poll = Duration::from_micros(args.idle_poll_us);
     cfg.worker.batch = args.batch;
-    cfg.ageing = Duration::from_secs(args.fdb_ageing);
+    cfg.ageing = args.fdb_ageing.map(Duration::from_secs);
+    if let Some(path) = &args.config {
+        cfg.initial = Some(SwitchState::load_toml(path)?);
+    }
     let sw = Switch::start(cfg)?;
     for name in &args.ports {
-        sw.add_default_port(name)?;
+        if sw.ports().get(name).is_err() {
+            sw.add_default_port(name)?;
+        }
     }
+    sw.save()?;
     let control_path = run_dir.join("control.sock");
-    let control = ControlServer::start(sw.clone(), &control_path)?;
+    let control = ControlServer::start(sw.clone(), &control_path, group)?;
     log::info!(
         "vioswitch {} running: {} worker(s), control socket {}",
         env!("CARGO_PKG_VERSION"),
@@ -68,6 +88,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     drop(control);
     sw.shutdown();
     Ok(())
+}
+
+/// A group name or number.
+fn resolve_group(g: &str) -> Result<nix::unistd::Gid, String> {
+    if let Ok(n) = g.parse::<u32>() {
+        return Ok(nix::unistd::Gid::from_raw(n));
+    }
+    match nix::unistd::Group::from_name(g) {
+        Ok(Some(grp)) => Ok(grp.gid),
+        _ => Err(format!("no group {g:?} on this host (--control-group)")),
+    }
 }
 
 fn main() -> ExitCode {

@@ -12,19 +12,33 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::dataplane::{Dataplane, DataplaneError, PortSettings, MAX_PORTS, MAX_QUEUE_PAIRS};
+use crate::dataplane::{
+    Dataplane, DataplaneError, FdbFlush, PortSettings, MAX_FRAME_LEN, MAX_PORTS, MAX_QUEUE_PAIRS,
+};
+use crate::events::EventBus;
 use crate::fdb::PortIdx;
 use crate::stats::PortStats;
 use crate::vhost_user::NetBackend;
+
+/// First wait before a client-mode port connects again.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between two connection attempts of a client-mode port.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Smallest MTU a port may have (IPv4's minimum).
+pub const MIN_MTU: u16 = 68;
+/// Largest MTU: the largest frame less an Ethernet header and a VLAN tag.
+pub const MAX_MTU: u16 = (MAX_FRAME_LEN - 18) as u16;
 
 /// After this many refused requests in a row, a frontend is disconnected.
 const MAX_CONSECUTIVE_REFUSALS: u32 = 16;
@@ -57,6 +71,19 @@ pub enum PortError {
     BadQueues(u16),
     #[error("VLAN must be between 0 (none) and 4094, got {0}")]
     BadVlan(u16),
+    #[error("MTU must be between {MIN_MTU} and {MAX_MTU}, got {0}")]
+    BadMtu(u16),
+    #[error("socket permissions must be an octal mode such as \"0660\", got {0:?}")]
+    BadPerm(String),
+    #[error("no user {0:?} on this host")]
+    NoSuchUser(String),
+    #[error("no group {0:?} on this host")]
+    NoSuchGroup(String),
+    #[error("cannot set owner or permissions of {path}: {source}")]
+    Chown {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the switch has {MAX_PORTS} ports already")]
     TooManyPorts,
     #[error("cannot start the port's session thread: {0}")]
@@ -65,22 +92,150 @@ pub enum PortError {
     Dataplane(#[from] DataplaneError),
 }
 
+/// Who opens the vhost-user connection.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PortMode {
+    /// The switch listens on the socket; QEMU connects.
+    #[default]
+    Server,
+    /// QEMU listens (`server=on`); the switch connects and reconnects.
+    Client,
+}
+
 /// What a port is, as configured.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct PortSpec {
     pub name: String,
     pub socket: PathBuf,
+    #[serde(default)]
+    pub mode: PortMode,
     #[serde(default = "one")]
     pub queue_pairs: u16,
     #[serde(default)]
     pub vlan: u16,
+    /// Largest IP packet the port carries (frames over MTU + 18 bytes are
+    /// dropped); none: only the switch's frame limit applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
     /// Worker to put the port on (round robin when absent).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<usize>,
+    /// Owner of a server-mode socket (user name or uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Group of a server-mode socket (group name or gid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Permissions of a server-mode socket, octal (default "0660").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perm: Option<String>,
 }
 
 fn one() -> u16 {
     1
+}
+
+impl PortSpec {
+    /// A server-mode port with every default.
+    pub fn server(name: &str, socket: PathBuf) -> Self {
+        PortSpec {
+            name: name.to_string(),
+            socket,
+            mode: PortMode::Server,
+            queue_pairs: 1,
+            vlan: 0,
+            mtu: None,
+            worker: None,
+            owner: None,
+            group: None,
+            perm: None,
+        }
+    }
+
+    /// Check every field but the socket.
+    pub fn validate(&self) -> Result<(), PortError> {
+        validate_name(&self.name)?;
+        if self.queue_pairs == 0 || usize::from(self.queue_pairs) > MAX_QUEUE_PAIRS {
+            return Err(PortError::BadQueues(self.queue_pairs));
+        }
+        if self.vlan > 4094 {
+            return Err(PortError::BadVlan(self.vlan));
+        }
+        if let Some(m) = self.mtu {
+            if !(MIN_MTU..=MAX_MTU).contains(&m) {
+                return Err(PortError::BadMtu(m));
+            }
+        }
+        self.socket_access()?;
+        Ok(())
+    }
+
+    /// The dataplane settings of the port.
+    pub fn settings(&self) -> PortSettings {
+        PortSettings {
+            vlan: self.vlan,
+            mtu: self.mtu.unwrap_or(0),
+        }
+    }
+
+    /// Resolved owner, group and mode of a server-mode socket.
+    fn socket_access(&self) -> Result<SocketAccess, PortError> {
+        let mode = match &self.perm {
+            None => 0o660,
+            Some(p) => u32::from_str_radix(p.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+                .ok_or_else(|| PortError::BadPerm(p.clone()))?,
+        };
+        let uid = match &self.owner {
+            None => None,
+            Some(o) => Some(match o.parse::<u32>() {
+                Ok(n) => nix::unistd::Uid::from_raw(n),
+                Err(_) => {
+                    nix::unistd::User::from_name(o)
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| PortError::NoSuchUser(o.clone()))?
+                        .uid
+                }
+            }),
+        };
+        let gid = match &self.group {
+            None => None,
+            Some(g) => Some(match g.parse::<u32>() {
+                Ok(n) => nix::unistd::Gid::from_raw(n),
+                Err(_) => {
+                    nix::unistd::Group::from_name(g)
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| PortError::NoSuchGroup(g.clone()))?
+                        .gid
+                }
+            }),
+        };
+        Ok(SocketAccess { mode, uid, gid })
+    }
+}
+
+struct SocketAccess {
+    mode: u32,
+    uid: Option<nix::unistd::Uid>,
+    gid: Option<nix::unistd::Gid>,
+}
+
+impl SocketAccess {
+    fn apply(&self, path: &Path) -> Result<(), PortError> {
+        let err = |source: std::io::Error| PortError::Chown {
+            path: path.to_path_buf(),
+            source,
+        };
+        if self.uid.is_some() || self.gid.is_some() {
+            nix::unistd::chown(path, self.uid, self.gid).map_err(|e| err(e.into()))?;
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode)).map_err(err)
+    }
 }
 
 /// Check a port name.
@@ -105,6 +260,8 @@ pub struct SessionStatus {
     connections: AtomicU64,
     /// A clone of the current connection, so that removal can cut it.
     conn: Mutex<Option<UnixStream>>,
+    /// The protocol state of the current connection, for live changes.
+    backend: Mutex<Option<Arc<Mutex<NetBackend>>>>,
 }
 
 impl SessionStatus {
@@ -113,6 +270,9 @@ impl SessionStatus {
     }
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+    fn backend(&self) -> Option<Arc<Mutex<NetBackend>>> {
+        self.backend.lock().ok().and_then(|b| b.clone())
     }
     fn cut(&self) {
         if let Ok(conn) = self.conn.lock() {
@@ -127,22 +287,30 @@ impl SessionStatus {
 pub struct Port {
     pub spec: PortSpec,
     pub idx: PortIdx,
-    pub worker: usize,
     pub stats: Arc<PortStats>,
     pub status: Arc<SessionStatus>,
+    worker: Arc<AtomicUsize>,
+    settings: Arc<Mutex<PortSettings>>,
     stop: Arc<EventFd>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Port {
-    /// Stop the session thread and remove the socket.
+    /// The worker that polls the port.
+    pub fn worker(&self) -> usize {
+        self.worker.load(Ordering::Relaxed)
+    }
+
+    /// Stop the session thread and remove a server-mode socket.
     fn shutdown(&mut self) {
         let _ = self.stop.write(1);
         self.status.cut();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.spec.socket);
+        if self.spec.mode == PortMode::Server {
+            let _ = std::fs::remove_file(&self.spec.socket);
+        }
     }
 }
 
@@ -194,6 +362,15 @@ fn ends_connection(e: &VhostError) -> bool {
     )
 }
 
+/// Wait until `stop` fires (true) or `timeout` passes (false).
+fn stopped_within(stop: &EventFd, timeout: Duration) -> bool {
+    // SAFETY: the eventfd outlives this call; BorrowedFd only borrows it.
+    let stop_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(stop.as_raw_fd()) };
+    let mut fds = [PollFd::new(stop_fd, PollFlags::POLLIN)];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    matches!(poll(&mut fds, PollTimeout::from(ms)), Ok(n) if n > 0)
+}
+
 /// Wait until `fd` is readable or `stop` fires. Returns false on stop.
 fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> bool {
     loop {
@@ -222,21 +399,62 @@ fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> bool {
     }
 }
 
+/// Where a session gets its connections.
+enum Endpoint {
+    Listen(UnixListener),
+    Connect(PathBuf),
+}
+
 struct Session {
     name: String,
     idx: PortIdx,
-    worker: usize,
+    worker: Arc<AtomicUsize>,
     queue_pairs: u16,
     dp: Arc<Dataplane>,
     stats: Arc<PortStats>,
     status: Arc<SessionStatus>,
     settings: Arc<Mutex<PortSettings>>,
     stop: Arc<EventFd>,
+    events: Arc<EventBus>,
 }
 
 impl Session {
+    fn run(self, endpoint: Endpoint) {
+        match endpoint {
+            Endpoint::Listen(l) => self.run_server(l),
+            Endpoint::Connect(path) => self.run_client(&path),
+        }
+    }
+
+    /// Connect to the frontend's socket, serve, and connect again with
+    /// backoff, until stopped.
+    fn run_client(self, path: &Path) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => {
+                    backoff = BACKOFF_MIN;
+                    if !self.serve(stream) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    log::debug!(
+                        "port {}: cannot connect to {}: {e}",
+                        self.name,
+                        path.display()
+                    );
+                }
+            }
+            if stopped_within(&self.stop, backoff) {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
     /// Accept and serve connections until stopped.
-    fn run(self, listener: UnixListener) {
+    fn run_server(self, listener: UnixListener) {
         while wait_readable(&listener, &self.stop) {
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
@@ -259,22 +477,19 @@ impl Session {
             return true;
         }
         let settings = self.settings.lock().map(|s| *s).unwrap_or_default();
+        let worker = self.worker.load(Ordering::Relaxed);
         if let Err(e) = self
             .dp
-            .attach(self.idx, self.worker, self.stats.clone(), settings)
+            .attach(self.idx, worker, self.stats.clone(), settings)
         {
-            log::error!(
-                "port {}: cannot attach to worker {}: {e}",
-                self.name,
-                self.worker
-            );
+            log::error!("port {}: cannot attach to worker {worker}: {e}", self.name);
             return true;
         }
         let watch = match stream.try_clone() {
             Ok(w) => w,
             Err(e) => {
                 log::error!("port {}: {e}", self.name);
-                let _ = self.dp.detach(self.idx);
+                let _ = self.dp.detach(self.idx, FdbFlush::Learnt);
                 return true;
             }
         };
@@ -284,12 +499,19 @@ impl Session {
         self.status.connected.store(true, Ordering::Relaxed);
         self.status.connections.fetch_add(1, Ordering::Relaxed);
         log::info!("port {}: guest connected", self.name);
+        self.events
+            .emit("port.connected", json!({ "port": self.name }));
         let backend = Arc::new(Mutex::new(NetBackend::new(
             &self.name,
             self.idx,
             self.dp.clone(),
             self.queue_pairs,
+            self.stats.clone(),
+            self.settings.clone(),
         )));
+        if let Ok(mut b) = self.status.backend.lock() {
+            *b = Some(backend.clone());
+        }
         let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
         let mut stopping = false;
         let mut refusals = 0;
@@ -325,16 +547,66 @@ impl Session {
             }
         }
         drop(handler);
+        if let Ok(mut b) = self.status.backend.lock() {
+            *b = None;
+        }
         drop(backend);
-        if let Err(e) = self.dp.detach(self.idx) {
+        if let Err(e) = self.dp.detach(self.idx, FdbFlush::Learnt) {
             log::error!("port {}: detach failed: {e}", self.name);
         }
         if let Ok(mut c) = self.status.conn.lock() {
             *c = None;
         }
         self.status.connected.store(false, Ordering::Relaxed);
+        self.events
+            .emit("port.disconnected", json!({ "port": self.name }));
         !stopping
     }
+}
+
+/// Bind (server mode) and start the session thread of a port.
+fn start_session(
+    dp: &Arc<Dataplane>,
+    events: &Arc<EventBus>,
+    port: &mut Port,
+) -> Result<(), PortError> {
+    let endpoint = match port.spec.mode {
+        PortMode::Server => {
+            let access = port.spec.socket_access()?;
+            let listener = bind_socket(&port.spec.socket)?;
+            if let Err(e) = access.apply(&port.spec.socket) {
+                let _ = std::fs::remove_file(&port.spec.socket);
+                return Err(e);
+            }
+            Endpoint::Listen(listener)
+        }
+        PortMode::Client => Endpoint::Connect(port.spec.socket.clone()),
+    };
+    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(PortError::Thread)?);
+    let session = Session {
+        name: port.spec.name.clone(),
+        idx: port.idx,
+        worker: port.worker.clone(),
+        queue_pairs: port.spec.queue_pairs,
+        dp: dp.clone(),
+        stats: port.stats.clone(),
+        status: port.status.clone(),
+        settings: port.settings.clone(),
+        stop: stop.clone(),
+        events: events.clone(),
+    };
+    let thread = std::thread::Builder::new()
+        .name(format!("port-{}", port.spec.name))
+        .spawn(move || session.run(endpoint))
+        .map_err(|e| {
+            if port.spec.mode == PortMode::Server {
+                let _ = std::fs::remove_file(&port.spec.socket);
+            }
+            PortError::Thread(e)
+        })?;
+    port.stop = stop;
+    port.thread = Some(thread);
+    Ok(())
 }
 
 /// Summary of a port for listings.
@@ -342,56 +614,80 @@ impl Session {
 pub struct PortInfo {
     pub name: String,
     pub socket: PathBuf,
+    pub mode: PortMode,
     pub index: PortIdx,
     pub worker: usize,
     pub queue_pairs: u16,
     pub vlan: u16,
+    pub mtu: Option<u16>,
     pub connected: bool,
     pub broken: bool,
     pub connections: u64,
 }
 
+/// Changes `port.set` can make to a port.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortChanges {
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// 0 removes the MTU limit.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    #[serde(default)]
+    pub worker: Option<usize>,
+    #[serde(default)]
+    pub mode: Option<PortMode>,
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+}
+
 /// The ports of a switch.
 pub struct PortTable {
     dp: Arc<Dataplane>,
+    events: Arc<EventBus>,
     ports: BTreeMap<String, Port>,
     used: Vec<bool>,
     next_worker: usize,
 }
 
 impl PortTable {
-    pub fn new(dp: Arc<Dataplane>) -> Self {
+    pub fn new(dp: Arc<Dataplane>, events: Arc<EventBus>) -> Self {
         PortTable {
             dp,
+            events,
             ports: BTreeMap::new(),
             used: vec![false; MAX_PORTS],
             next_worker: 0,
         }
     }
 
-    /// Create a server-mode port and start serving its socket.
+    fn check_worker(&self, w: usize) -> Result<usize, PortError> {
+        let workers = self.dp.worker_count();
+        if w >= workers {
+            return Err(DataplaneError::NoSuchWorker(w, workers).into());
+        }
+        Ok(w)
+    }
+
+    /// Bind (server mode) and start the session thread of a port.
+    fn start_session(&self, port: &mut Port) -> Result<(), PortError> {
+        start_session(&self.dp, &self.events, port)
+    }
+
+    /// Create a port and start serving it.
     pub fn add(&mut self, spec: PortSpec) -> Result<PortInfo, PortError> {
-        validate_name(&spec.name)?;
+        spec.validate()?;
         if self.ports.contains_key(&spec.name) {
             return Err(PortError::Exists(spec.name));
-        }
-        if spec.queue_pairs == 0 || usize::from(spec.queue_pairs) > MAX_QUEUE_PAIRS {
-            return Err(PortError::BadQueues(spec.queue_pairs));
-        }
-        if spec.vlan > 4094 {
-            return Err(PortError::BadVlan(spec.vlan));
         }
         if let Some(p) = self.ports.values().find(|p| p.spec.socket == spec.socket) {
             return Err(PortError::SocketTaken(spec.socket, p.spec.name.clone()));
         }
-        let workers = self.dp.worker_count();
         let worker = match spec.worker {
-            Some(w) if w >= workers => {
-                return Err(DataplaneError::NoSuchWorker(w, workers).into());
-            }
-            Some(w) => w,
+            Some(w) => self.check_worker(w)?,
             None => {
-                let w = self.next_worker % workers;
+                let w = self.next_worker % self.dp.worker_count();
                 self.next_worker = self.next_worker.wrapping_add(1);
                 w
             }
@@ -401,55 +697,167 @@ impl PortTable {
             .iter()
             .position(|u| !u)
             .ok_or(PortError::TooManyPorts)?;
-        let listener = bind_socket(&spec.socket)?;
-        let stats = Arc::new(PortStats::default());
-        let status = Arc::new(SessionStatus::default());
-        let settings = Arc::new(Mutex::new(PortSettings { vlan: spec.vlan }));
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(PortError::Thread)?);
-        let session = Session {
-            name: spec.name.clone(),
+        let mut port = Port {
             idx: idx as PortIdx,
-            worker,
-            queue_pairs: spec.queue_pairs,
-            dp: self.dp.clone(),
-            stats: stats.clone(),
-            status: status.clone(),
-            settings,
-            stop: stop.clone(),
+            stats: Arc::new(PortStats::default()),
+            status: Arc::new(SessionStatus::default()),
+            worker: Arc::new(AtomicUsize::new(worker)),
+            settings: Arc::new(Mutex::new(spec.settings())),
+            stop: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(PortError::Thread)?),
+            thread: None,
+            spec,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("port-{}", spec.name))
-            .spawn(move || session.run(listener))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&spec.socket);
-                PortError::Thread(e)
-            })?;
+        self.start_session(&mut port)?;
         self.used[idx] = true;
-        let port = Port {
-            spec: spec.clone(),
-            idx: idx as PortIdx,
-            worker,
-            stats,
-            status,
-            stop,
-            thread: Some(thread),
-        };
         let info = Self::info(&port);
-        self.ports.insert(spec.name.clone(), port);
-        log::info!("port {} added on {}", spec.name, spec.socket.display());
+        log::info!(
+            "port {} added ({:?} mode, {})",
+            port.spec.name,
+            port.spec.mode,
+            port.spec.socket.display()
+        );
+        self.events
+            .emit("port.added", json!({ "port": port.spec.name }));
+        self.ports.insert(port.spec.name.clone(), port);
         Ok(info)
     }
 
-    /// Remove a port: its guest is disconnected and its socket removed.
+    /// Remove a port: its guest is disconnected, its FDB entries (static ones
+    /// too) forgotten and its server socket removed.
     pub fn remove(&mut self, name: &str) -> Result<(), PortError> {
         let mut port = self
             .ports
             .remove(name)
             .ok_or_else(|| PortError::NotFound(name.to_string()))?;
         port.shutdown();
+        self.dp.fdb().flush_port(port.idx, true);
         self.used[usize::from(port.idx)] = false;
         log::info!("port {name} removed");
+        self.events.emit("port.removed", json!({ "port": name }));
         Ok(())
+    }
+
+    /// Change a port. VLAN and MTU apply at once without disturbing the
+    /// guest; a new worker moves the rings between two batches; a new mode
+    /// or socket restarts the port's session (the guest reconnects).
+    pub fn set(&mut self, name: &str, ch: PortChanges) -> Result<PortInfo, PortError> {
+        let port = self
+            .ports
+            .get(name)
+            .ok_or_else(|| PortError::NotFound(name.to_string()))?;
+        let mut spec = port.spec.clone();
+        if let Some(v) = ch.vlan {
+            spec.vlan = v;
+        }
+        if let Some(m) = ch.mtu {
+            spec.mtu = (m != 0).then_some(m);
+        }
+        if let Some(m) = ch.mode {
+            spec.mode = m;
+        }
+        if let Some(s) = &ch.socket {
+            spec.socket = s.clone();
+            if let Some(p) = self
+                .ports
+                .values()
+                .find(|p| p.spec.socket == *s && p.spec.name != name)
+            {
+                return Err(PortError::SocketTaken(s.clone(), p.spec.name.clone()));
+            }
+        }
+        if let Some(w) = ch.worker {
+            spec.worker = Some(self.check_worker(w)?);
+        }
+        spec.validate()?;
+        let restart = spec.mode != port.spec.mode || spec.socket != port.spec.socket;
+        let vlan_changed = spec.vlan != port.spec.vlan;
+        let settings = spec.settings();
+        let idx = port.idx;
+        if let Some(w) = ch.worker {
+            self.move_port(name, w)?;
+        }
+        let Some(port) = self.ports.get_mut(name) else {
+            return Err(PortError::NotFound(name.to_string()));
+        };
+        if let Ok(mut s) = port.settings.lock() {
+            *s = settings;
+        }
+        match self.dp.set_settings(idx, settings) {
+            Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if vlan_changed {
+            self.dp.fdb().flush_port(idx, false);
+        }
+        if restart {
+            let old = std::mem::replace(&mut port.spec, spec);
+            port.shutdown();
+            if let Err(e) = start_session(&self.dp, &self.events, port) {
+                port.spec = old;
+                let _ = start_session(&self.dp, &self.events, port);
+                return Err(e);
+            }
+        } else {
+            port.spec = spec;
+        }
+        Ok(Self::info(port))
+    }
+
+    /// Move a port to another worker. A connected port's rings stop on the
+    /// old worker and resume on the new one where they left off.
+    pub fn move_port(&mut self, name: &str, worker: usize) -> Result<(), PortError> {
+        let worker = self.check_worker(worker)?;
+        let port = self
+            .ports
+            .get_mut(name)
+            .ok_or_else(|| PortError::NotFound(name.to_string()))?;
+        if port.worker() == worker {
+            return Ok(());
+        }
+        port.worker.store(worker, Ordering::Relaxed);
+        port.spec.worker = Some(worker);
+        if let Some(b) = port.status.backend() {
+            let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
+            b.move_to(worker)?;
+        }
+        log::info!("port {name} moved to worker {worker}");
+        Ok(())
+    }
+
+    /// Spread ports over the workers so that their counts differ by at most one.
+    pub fn rebalance(&mut self) -> Result<usize, PortError> {
+        let workers = self.dp.worker_count();
+        let mut moved = 0;
+        loop {
+            let mut count = vec![0usize; workers];
+            for p in self.ports.values() {
+                count[p.worker()] += 1;
+            }
+            let (max_w, max) = count
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, c)| **c)
+                .unwrap_or((0, &0));
+            let (min_w, min) = count
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, c)| **c)
+                .unwrap_or((0, &0));
+            if max - min <= 1 {
+                return Ok(moved);
+            }
+            let Some(name) = self
+                .ports
+                .values()
+                .rev()
+                .find(|p| p.worker() == max_w)
+                .map(|p| p.spec.name.clone())
+            else {
+                return Ok(moved);
+            };
+            self.move_port(&name, min_w)?;
+            moved += 1;
+        }
     }
 
     /// Look a port up.
@@ -469,15 +877,28 @@ impl PortTable {
         self.ports.values()
     }
 
+    /// The specs to save: with the worker each port is on now.
+    pub fn specs(&self) -> Vec<PortSpec> {
+        self.ports
+            .values()
+            .map(|p| PortSpec {
+                worker: Some(p.worker()),
+                ..p.spec.clone()
+            })
+            .collect()
+    }
+
     /// A port's summary.
     pub fn info(p: &Port) -> PortInfo {
         PortInfo {
             name: p.spec.name.clone(),
             socket: p.spec.socket.clone(),
+            mode: p.spec.mode,
             index: p.idx,
-            worker: p.worker,
+            worker: p.worker(),
             queue_pairs: p.spec.queue_pairs,
             vlan: p.spec.vlan,
+            mtu: p.spec.mtu,
             connected: p.status.connected(),
             broken: p.stats.is_broken(),
             connections: p.status.connections(),

@@ -29,11 +29,13 @@ pub enum DropReason {
     RemoteQueueFull,
     /// The destination is the port the frame came from.
     SamePort,
+    /// The frame exceeds the sending or receiving port's MTU.
+    MtuExceeded,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::BadTxDescriptor,
         DropReason::ShortFrame,
         DropReason::OversizedFrame,
@@ -42,6 +44,7 @@ impl DropReason {
         DropReason::RxBufferTooSmall,
         DropReason::RemoteQueueFull,
         DropReason::SamePort,
+        DropReason::MtuExceeded,
     ];
 
     /// The name used in statistics output.
@@ -55,6 +58,7 @@ impl DropReason {
             DropReason::RxBufferTooSmall => "rx_buffer_too_small",
             DropReason::RemoteQueueFull => "remote_queue_full",
             DropReason::SamePort => "same_port",
+            DropReason::MtuExceeded => "mtu_exceeded",
         }
     }
 }

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -33,9 +33,12 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::dataplane::{Dataplane, DataplaneError, NetFeatures, QueueSetup, MAX_QUEUE_PAIRS};
+use crate::dataplane::{
+    Dataplane, DataplaneError, FdbFlush, NetFeatures, PortSettings, QueueSetup, MAX_QUEUE_PAIRS,
+};
 use crate::fdb::PortIdx;
 use crate::mem::{GuestMemory, RegionSpec, MAX_REGIONS};
+use crate::stats::PortStats;
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
 /// The virtio features a net port offers.
@@ -82,7 +85,10 @@ pub struct NetBackend {
     idx: PortIdx,
     dp: Arc<Dataplane>,
     queue_pairs: u16,
+    stats: Arc<PortStats>,
+    settings: Arc<Mutex<PortSettings>>,
     acked_features: u64,
+    net_features: Option<NetFeatures>,
     protocol_features: u64,
     mem: Option<Arc<GuestMemory>>,
     queues: Vec<QueueState>,
@@ -106,14 +112,24 @@ fn eventfd_from(file: File) -> EventFd {
 
 impl NetBackend {
     /// State for a fresh connection to port `idx`.
-    pub fn new(name: &str, idx: PortIdx, dp: Arc<Dataplane>, queue_pairs: u16) -> Self {
+    pub fn new(
+        name: &str,
+        idx: PortIdx,
+        dp: Arc<Dataplane>,
+        queue_pairs: u16,
+        stats: Arc<PortStats>,
+        settings: Arc<Mutex<PortSettings>>,
+    ) -> Self {
         let queue_pairs = queue_pairs.clamp(1, MAX_QUEUE_PAIRS as u16);
         NetBackend {
             name: name.to_string(),
             idx,
             dp,
             queue_pairs,
+            stats,
+            settings,
             acked_features: 0,
+            net_features: None,
             protocol_features: 0,
             mem: None,
             queues: (0..2 * queue_pairs)
@@ -214,6 +230,41 @@ impl NetBackend {
         Ok(())
     }
 
+    /// Move the connection's rings to another worker: stop them where they
+    /// are, re-create the port there with the same features and memory, and
+    /// restart them from the same ring positions. Frames the guest queued
+    /// meanwhile wait in its rings.
+    pub fn move_to(&mut self, worker: usize) -> Result<(), DataplaneError> {
+        let started: Vec<usize> = (0..self.queues.len())
+            .filter(|i| self.queues[*i].started)
+            .collect();
+        for &i in &started {
+            if let Some(next) = self.dp.stop_queue(self.idx, i as u16)? {
+                self.queues[i].base = next;
+            }
+            self.queues[i].started = false;
+        }
+        self.dp.detach(self.idx, FdbFlush::Keep)?;
+        let settings = self.settings.lock().map(|s| *s).unwrap_or_default();
+        self.dp
+            .attach(self.idx, worker, self.stats.clone(), settings)?;
+        if let Some(nf) = self.net_features {
+            self.dp.set_features(self.idx, nf)?;
+        }
+        if let Some(mem) = &self.mem {
+            self.dp.set_memory(self.idx, mem.clone())?;
+        }
+        for i in started {
+            if self.try_start(i).is_err() {
+                log::error!(
+                    "port {}: queue {i} did not restart on worker {worker}",
+                    self.name
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn install_memory(&mut self, mem: GuestMemory) -> VhostResult<()> {
         log::debug!("port {}: memory table {mem:?}", self.name);
         let mem = Arc::new(mem);
@@ -268,6 +319,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             notify_on_empty: features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY) != 0,
         };
         self.dp.set_features(self.idx, nf).map_err(dp_err)?;
+        self.net_features = Some(nf);
         // Without protocol features, rings are enabled as soon as they start.
         for i in 0..self.queues.len() {
             let _ = self.try_start(i);

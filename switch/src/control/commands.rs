@@ -7,39 +7,66 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ControlError, PROTOCOL_VERSION};
-use crate::daemon::Switch;
-use crate::port::{PortError, PortSpec, PortTable};
+use crate::config::ConfigError;
+use crate::daemon::{mac_string, Switch, SwitchError};
+use crate::port::{PortChanges, PortError, PortMode, PortSpec, PortTable};
 
-/// Every command, for `switch.info`.
+/// Every command, for `switch.info`. `events.subscribe` is served by the
+/// connection itself (it turns the connection into an event stream).
 pub const COMMANDS: &[&str] = &[
     "switch.info",
     "port.add",
     "port.del",
+    "port.set",
     "port.list",
     "port.show",
     "port.stats",
     "fdb.show",
     "fdb.flush",
+    "fdb.add",
+    "fdb.del",
     "worker.list",
+    "worker.move",
+    "worker.rebalance",
+    "config.show",
+    "config.save",
+    "events.subscribe",
 ];
 
-/// Run one command.
+/// Run one command. A command that changes the switch saves the running
+/// configuration before it answers.
 pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlError> {
-    match cmd {
-        "switch.info" | "hello" => switch_info(sw),
+    let result = match cmd {
+        "switch.info" | "hello" => return switch_info(sw, parse(args)?),
+        "port.list" => return port_list(sw, parse(args)?),
+        "port.show" => return port_show(sw, parse(args)?),
+        "port.stats" => return port_stats(sw, parse(args)?),
+        "fdb.show" => return fdb_show(sw, parse(args)?),
+        "fdb.flush" => return fdb_flush(sw, parse(args)?),
+        "worker.list" => return worker_list(sw, parse(args)?),
+        "config.show" => return config_show(sw, parse(args)?),
+        "config.save" => return config_save(sw, parse(args)?),
         "port.add" => port_add(sw, parse(args)?),
         "port.del" => port_del(sw, parse(args)?),
-        "port.list" => port_list(sw, parse(args)?),
-        "port.show" => port_show(sw, parse(args)?),
-        "port.stats" => port_stats(sw, parse(args)?),
-        "fdb.show" => fdb_show(sw, parse(args)?),
-        "fdb.flush" => fdb_flush(sw, parse(args)?),
-        "worker.list" => worker_list(sw, parse(args)?),
-        _ => Err(ControlError::new(
-            "unknown_command",
-            format!("unknown command {cmd:?}; `switch.info` lists the commands"),
-        )),
-    }
+        "port.set" => port_set(sw, parse(args)?),
+        "fdb.add" => fdb_add(sw, parse(args)?),
+        "fdb.del" => fdb_del(sw, parse(args)?),
+        "worker.move" => worker_move(sw, parse(args)?),
+        "worker.rebalance" => worker_rebalance(sw, parse(args)?),
+        _ => {
+            return Err(ControlError::new(
+                "unknown_command",
+                format!("unknown command {cmd:?}; `switch.info` lists the commands"),
+            ))
+        }
+    }?;
+    sw.save().map_err(|e| {
+        ControlError::new(
+            "internal",
+            format!("the change was made but the configuration could not be saved: {e}"),
+        )
+    })?;
+    Ok(result)
 }
 
 fn parse<T: DeserializeOwned>(args: Value) -> Result<T, ControlError> {
@@ -50,9 +77,14 @@ fn parse<T: DeserializeOwned>(args: Value) -> Result<T, ControlError> {
 impl From<PortError> for ControlError {
     fn from(e: PortError) -> Self {
         let code = match &e {
-            PortError::InvalidName(_) | PortError::BadQueues(_) | PortError::BadVlan(_) => {
-                "invalid_argument"
-            }
+            PortError::InvalidName(_)
+            | PortError::BadQueues(_)
+            | PortError::BadVlan(_)
+            | PortError::BadMtu(_)
+            | PortError::BadPerm(_)
+            | PortError::NoSuchUser(_)
+            | PortError::NoSuchGroup(_) => "invalid_argument",
+            PortError::Chown { .. } => "socket_error",
             PortError::Exists(_) | PortError::SocketTaken(..) => "exists",
             PortError::NotFound(_) => "not_found",
             PortError::SocketInUse(_) | PortError::NotASocket(_) | PortError::Bind { .. } => {
@@ -85,6 +117,26 @@ struct OptNameArg {
     name: Option<String>,
 }
 
+impl From<SwitchError> for ControlError {
+    fn from(e: SwitchError) -> Self {
+        match e {
+            SwitchError::Port(p) => p.into(),
+            SwitchError::BadMac(_) | SwitchError::MulticastMac(_) => {
+                ControlError::new("invalid_argument", e.to_string())
+            }
+            SwitchError::NoStatic(..) => ControlError::new("not_found", e.to_string()),
+            SwitchError::FdbFull => ControlError::new("limit", e.to_string()),
+            other => ControlError::new("internal", other.to_string()),
+        }
+    }
+}
+
+impl From<ConfigError> for ControlError {
+    fn from(e: ConfigError) -> Self {
+        ControlError::new("io_error", e.to_string())
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PortAddArgs {
@@ -92,14 +144,24 @@ struct PortAddArgs {
     #[serde(default)]
     socket: Option<PathBuf>,
     #[serde(default)]
+    mode: Option<PortMode>,
+    #[serde(default)]
     queues: Option<u16>,
     #[serde(default)]
     vlan: Option<u16>,
     #[serde(default)]
+    mtu: Option<u16>,
+    #[serde(default)]
     worker: Option<usize>,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    perm: Option<String>,
 }
 
-fn switch_info(sw: &Switch) -> Result<Value, ControlError> {
+fn switch_info(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
     Ok(json!({
         "name": "vioswitch",
         "version": env!("CARGO_PKG_VERSION"),
@@ -109,7 +171,7 @@ fn switch_info(sw: &Switch) -> Result<Value, ControlError> {
         "run_dir": sw.run_dir(),
         "workers": sw.dataplane().worker_count(),
         "ports": sw.ports().iter().count(),
-        "features": ["net"],
+        "features": ["net", "client-mode", "persistence", "events", "access-control"],
         "commands": super::commands::COMMANDS,
     }))
 }
@@ -119,12 +181,17 @@ fn port_add(sw: &Switch, a: PortAddArgs) -> Result<Value, ControlError> {
     let socket = a
         .socket
         .unwrap_or_else(|| sw.run_dir().join(format!("{}.sock", a.name)));
+    let mode = a.mode.unwrap_or_default();
     let spec = PortSpec {
-        name: a.name,
-        socket,
         queue_pairs: a.queues.unwrap_or(1),
         vlan: a.vlan.unwrap_or(0),
+        mtu: a.mtu,
         worker: a.worker,
+        mode,
+        owner: a.owner,
+        group: a.group,
+        perm: a.perm,
+        ..PortSpec::server(&a.name, socket)
     };
     let info = sw.ports().add(spec)?;
     Ok(json!(info))
@@ -132,7 +199,20 @@ fn port_add(sw: &Switch, a: PortAddArgs) -> Result<Value, ControlError> {
 
 fn port_del(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
     sw.ports().remove(&a.name)?;
+    sw.forget_statics_of(&a.name);
     Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PortSetArgs {
+    name: String,
+    #[serde(flatten)]
+    changes: PortChanges,
+}
+
+fn port_set(sw: &Switch, a: PortSetArgs) -> Result<Value, ControlError> {
+    Ok(json!(sw.ports().set(&a.name, a.changes)?))
 }
 
 fn port_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
@@ -159,13 +239,6 @@ fn port_stats(sw: &Switch, a: OptNameArg) -> Result<Value, ControlError> {
                 .collect(),
         )),
     }
-}
-
-fn mac_string(m: &[u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 #[derive(Deserialize)]
@@ -218,7 +291,7 @@ fn worker_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
         .map(|w| {
             let names: Vec<&str> = ports
                 .iter()
-                .filter(|p| p.worker == w)
+                .filter(|p| p.worker() == w)
                 .map(|p| p.spec.name.as_str())
                 .collect();
             let mut v = json!(dp.worker_stats(w).map(|s| s.snapshot()).unwrap_or_default());
@@ -228,4 +301,97 @@ fn worker_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
         })
         .collect();
     Ok(json!(list))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FdbAddArgs {
+    mac: String,
+    port: String,
+    #[serde(default)]
+    vlan: u16,
+}
+
+fn fdb_add(sw: &Switch, a: FdbAddArgs) -> Result<Value, ControlError> {
+    if a.vlan > 4094 {
+        return Err(PortError::BadVlan(a.vlan).into());
+    }
+    sw.add_static(&a.mac, a.vlan, &a.port)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FdbDelArgs {
+    mac: String,
+    #[serde(default)]
+    vlan: u16,
+}
+
+fn fdb_del(sw: &Switch, a: FdbDelArgs) -> Result<Value, ControlError> {
+    sw.del_static(&a.mac, a.vlan)?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerMoveArgs {
+    port: String,
+    worker: usize,
+}
+
+fn worker_move(sw: &Switch, a: WorkerMoveArgs) -> Result<Value, ControlError> {
+    sw.ports().move_port(&a.port, a.worker)?;
+    Ok(json!({}))
+}
+
+fn worker_rebalance(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
+    let moved = sw.ports().rebalance()?;
+    Ok(json!({ "moved": moved }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigShowArgs {
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn config_show(sw: &Switch, a: ConfigShowArgs) -> Result<Value, ControlError> {
+    let state = sw.state();
+    match a.format.as_deref() {
+        None | Some("json") => Ok(json!(state)),
+        Some("toml") => Ok(json!({ "toml": state.to_toml()? })),
+        Some(f) => Err(ControlError::new(
+            "invalid_argument",
+            format!("format {f:?}: use \"json\" or \"toml\""),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigSaveArgs {
+    #[serde(default)]
+    path: Option<PathBuf>,
+}
+
+fn config_save(sw: &Switch, a: ConfigSaveArgs) -> Result<Value, ControlError> {
+    match a.path {
+        None => {
+            sw.save()?;
+            Ok(json!({ "path": sw.run_dir().join(crate::config::STATE_FILE) }))
+        }
+        Some(path) => {
+            if !path.is_absolute() {
+                return Err(ControlError::new(
+                    "invalid_argument",
+                    "the path must be absolute (it is the daemon's, not the client's)",
+                ));
+            }
+            let text = sw.state().to_toml()?;
+            crate::config::write_atomic(&path, text.as_bytes())?;
+            Ok(json!({ "path": path }))
+        }
+    }
 }

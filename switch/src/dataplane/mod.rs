@@ -89,10 +89,29 @@ impl NetFeatures {
 }
 
 /// Per-port settings the dataplane applies.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortSettings {
     /// Broadcast domain: frames stay among ports of the same VLAN (0 = none).
     pub vlan: u16,
+    /// Largest IP packet (frames over MTU + 18 bytes are dropped); 0: no limit.
+    pub mtu: u16,
+}
+
+impl PortSettings {
+    /// Whether a frame of `len` bytes exceeds the MTU.
+    #[inline]
+    pub fn over_mtu(&self, len: u32) -> bool {
+        self.mtu != 0 && len > u32::from(self.mtu) + 18
+    }
+}
+
+/// Which FDB entries of a port go when it is detached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdbFlush {
+    /// None (the port is moving to another worker).
+    Keep,
+    /// The learnt ones (the guest went away).
+    Learnt,
 }
 
 /// A request to a worker.
@@ -189,6 +208,8 @@ impl Mailbox {
 /// State every worker shares.
 pub(crate) struct Shared {
     pub fdb: Fdb,
+    /// Ports whose guest broke a ring, for the control plane to report.
+    pub faults: Sender<PortIdx>,
     /// Which worker serves each port.
     pub owner: Box<[AtomicU16]>,
     pub mailboxes: Vec<Mailbox>,
@@ -230,11 +251,13 @@ impl Dataplane {
         config: WorkerConfig,
         fdb_capacity: usize,
         ageing_ms: u64,
+        faults: Sender<PortIdx>,
     ) -> Result<Self, DataplaneError> {
         let n = n.max(1);
         let mailboxes = (0..n).map(|_| Mailbox::new()).collect::<Result<_, _>>()?;
         let shared = Arc::new(Shared {
             fdb: Fdb::new(fdb_capacity, ageing_ms),
+            faults,
             owner: (0..MAX_PORTS).map(|_| AtomicU16::new(NO_WORKER)).collect(),
             mailboxes,
             epoch: Instant::now(),
@@ -337,12 +360,15 @@ impl Dataplane {
     }
 
     /// Take a port away from its worker. When this returns, the worker no
-    /// longer touches the port's rings or memory, and its FDB entries are gone.
-    pub fn detach(&self, idx: PortIdx) -> Result<(), DataplaneError> {
+    /// longer touches the port's rings or memory, and its FDB entries are
+    /// flushed as `flush` says.
+    pub fn detach(&self, idx: PortIdx, flush: FdbFlush) -> Result<(), DataplaneError> {
         let worker = self.owner_of(idx)?;
         self.shared.owner[usize::from(idx)].store(NO_WORKER, Ordering::Release);
         let res = self.call(worker, |reply| Command::Detach { idx, reply });
-        self.shared.fdb.flush_port(idx, true);
+        if flush == FdbFlush::Learnt {
+            self.shared.fdb.flush_port(idx, false);
+        }
         res
     }
 

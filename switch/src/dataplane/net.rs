@@ -36,10 +36,16 @@ pub(super) struct NetPort {
     pub rx_dirty: u32,
     /// A guest fault stopped the port until its rings are set up again.
     pub broken: bool,
+    faults: crossbeam_channel::Sender<PortIdx>,
 }
 
 impl NetPort {
-    pub fn new(idx: PortIdx, stats: Arc<PortStats>, settings: PortSettings) -> Self {
+    pub fn new(
+        idx: PortIdx,
+        stats: Arc<PortStats>,
+        settings: PortSettings,
+        faults: crossbeam_channel::Sender<PortIdx>,
+    ) -> Self {
         stats.set_broken(false);
         NetPort {
             idx,
@@ -55,6 +61,7 @@ impl NetPort {
             n_rx_active: 0,
             rx_dirty: 0,
             broken: false,
+            faults,
         }
     }
 
@@ -76,6 +83,7 @@ impl NetPort {
                 "port {}: {what}; the port is stopped until the guest resets its rings",
                 self.idx
             );
+            let _ = self.faults.send(self.idx);
         }
         self.broken = true;
         self.stats.set_broken(true);
@@ -228,6 +236,9 @@ fn deliver(
         ..
     } = f;
     let port = &mut ports[pos];
+    if port.settings.over_mtu(len) {
+        return Err(DropReason::MtuExceeded);
+    }
     if port.broken || port.n_rx_active == 0 {
         return Err(DropReason::NoRxBuffer);
     }
@@ -530,6 +541,9 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             Err(ChainError::TooBig) => port.stats.count_drop(DropReason::OversizedFrame),
             Err(_) => port.stats.count_drop(DropReason::BadTxDescriptor),
             Ok(()) if total < hdr_len + ETH_HLEN => port.stats.count_drop(DropReason::ShortFrame),
+            Ok(()) if port.settings.over_mtu(total - hdr_len) => {
+                port.stats.count_drop(DropReason::MtuExceeded)
+            }
             Ok(()) => {
                 let len = total - hdr_len;
                 port.stats.add_rx(u64::from(len));

@@ -251,7 +251,12 @@ impl Worker {
                     Ok(())
                 } else {
                     self.local[usize::from(idx)] = self.ports.len() as u16;
-                    self.ports.push(NetPort::new(idx, stats, settings));
+                    self.ports.push(NetPort::new(
+                        idx,
+                        stats,
+                        settings,
+                        self.shared.faults.clone(),
+                    ));
                     Ok(())
                 };
                 let _ = reply.send(res);
