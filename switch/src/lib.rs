@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod events;
 pub mod fdb;
 pub mod mem;
+pub mod mem_fault;
 pub mod port;
 pub mod stats;
 pub mod vhost_user;

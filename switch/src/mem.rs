@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use vm_memory::{FileOffset, MmapRegion};
 
+use crate::mem_fault::Registration;
+
 /// Most regions a frontend may register (QEMU uses a handful; `GET_MAX_MEM_SLOTS`).
 pub const MAX_REGIONS: usize = 32;
 
@@ -34,6 +36,12 @@ pub enum MemoryError {
     },
     #[error("no memory region at guest-physical address {0:#x}")]
     NotFound(u64),
+    #[error("memory region {index} needs {needed:#x} bytes of its file, which has {size:#x}")]
+    FileTooSmall {
+        index: usize,
+        needed: u64,
+        size: u64,
+    },
 }
 
 /// One region of the frontend's memory table, before mapping.
@@ -49,13 +57,20 @@ pub struct RegionSpec {
     pub mmap_offset: u64,
 }
 
+/// A guest mapping, registered with the SIGBUS guard for its lifetime.
+struct Mapping {
+    // Dropped before `_map`: the registration goes before the mapping.
+    guard: Option<Registration>,
+    _map: MmapRegion,
+}
+
 /// A mapped region.
 struct Region {
     spec: RegionSpec,
     /// Host address of the region's first byte.
     host: *mut u8,
     /// Keeps the mapping alive; `host` points into it.
-    _map: Arc<MmapRegion>,
+    _map: Arc<Mapping>,
     /// The fd the region was mapped from, kept so the table can be rebuilt
     /// region by region (ADD_MEM_REG / REM_MEM_REG).
     file: Arc<File>,
@@ -127,12 +142,23 @@ impl GuestMemory {
             offset: spec.mmap_offset,
             source,
         };
-        let dup = file
-            .try_clone()
-            .map_err(|e| map_err(vm_memory::mmap::MmapRegionError::Mmap(e)))?;
+        let io_err = |e| map_err(vm_memory::mmap::MmapRegionError::Mmap(e));
+        // Pages past the end of the file would fault on first touch.
+        let file_size = file.metadata().map_err(io_err)?.len();
+        let needed = spec.mmap_offset.checked_add(spec.size).unwrap_or(u64::MAX);
+        if needed > file_size {
+            return Err(MemoryError::FileTooSmall {
+                index,
+                needed,
+                size: file_size,
+            });
+        }
+        let dup = file.try_clone().map_err(io_err)?;
         let map = MmapRegion::from_file(FileOffset::new(dup, spec.mmap_offset), spec.size as usize)
             .map_err(map_err)?;
         let host = map.as_ptr();
+        let guard = crate::mem_fault::register(host, map.size());
+        let map = Mapping { guard, _map: map };
         let mut regions: Vec<Region> = self
             .regions
             .iter()
@@ -177,6 +203,15 @@ impl GuestMemory {
     /// Number of regions.
     pub fn region_count(&self) -> usize {
         self.regions.len()
+    }
+
+    /// Whether the frontend truncated a region's file under us (see
+    /// [`crate::mem_fault`]): the port must stop.
+    #[inline]
+    pub fn faulted(&self) -> bool {
+        self.regions
+            .iter()
+            .any(|r| r._map.guard.as_ref().is_some_and(Registration::faulted))
     }
 
     /// Host pointer for `len` bytes at guest-physical `gpa`, if the whole range

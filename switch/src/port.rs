@@ -301,13 +301,16 @@ impl Port {
         self.worker.load(Ordering::Relaxed)
     }
 
-    /// Stop the session thread and remove a server-mode socket.
+    /// Stop the session thread and remove the server-mode socket it bound.
+    /// A port whose session never started touches no file: its path may be
+    /// anything the caller gave, including another program's socket.
     fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         let _ = self.stop.write(1);
         self.status.cut();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = thread.join();
         if self.spec.mode == PortMode::Server {
             let _ = std::fs::remove_file(&self.spec.socket);
         }

@@ -399,7 +399,13 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        self.queue(index)?;
+        if self.queue(index).is_err() {
+            // The reply has no way to say "error", and the vhost crate sends
+            // none when we fail, so the frontend would wait forever: hang up.
+            return Err(VhostError::SocketBroken(std::io::Error::other(format!(
+                "GET_VRING_BASE for queue {index}, which does not exist"
+            ))));
+        }
         let i = index as usize;
         self.stop(i)?;
         let q = &mut self.queues[i];
@@ -466,7 +472,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_queue_num(&mut self) -> VhostResult<u64> {
-        Ok(u64::from(self.queue_pairs))
+        // Virtqueues, as the spec and rust-vmm frontends read it. QEMU's
+        // vhost-user-net compares its queue pairs against this, so it accepts
+        // any count up to the port's; ring indices past the port's queues
+        // are refused at set-up.
+        Ok(2 * u64::from(self.queue_pairs))
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {

@@ -140,6 +140,10 @@ impl Worker {
         };
         let mut work = 0;
         for pos in 0..self.ports.len() {
+            if self.ports[pos].mem.faulted() {
+                self.ports[pos].mark_broken("the frontend truncated guest memory under the switch");
+                continue;
+            }
             for q in 0..MAX_QUEUE_PAIRS {
                 if self.ports[pos].tx[q].is_some() {
                     work += net::process_tx(&mut self.ports, pos, q, &mut ctx);
