@@ -145,7 +145,7 @@ impl GuestMemory {
         let io_err = |e| map_err(vm_memory::mmap::MmapRegionError::Mmap(e));
         // Pages past the end of the file would fault on first touch.
         let file_size = file.metadata().map_err(io_err)?.len();
-        let needed = spec.mmap_offset.checked_add(spec.size).unwrap_or(u64::MAX);
+        let needed = spec.mmap_offset.saturating_add(spec.size);
         if needed > file_size {
             return Err(MemoryError::FileTooSmall {
                 index,
