@@ -327,15 +327,16 @@ fn lat(h: &Hist) -> String {
     format!("{} / {}", us(h.percentile(50.0)), us(h.percentile(99.0)))
 }
 
-/// Runs with other processes above this share of both cores' time are left
-/// out of the medians when the same size and device has quieter runs.
+/// Runs that lost more than this share of both cores' time to the
+/// hypervisor (steal) or to other processes are left out of the medians
+/// when the same size and device has quieter runs.
 const BUSY_PCT: f64 = 5.0;
 
 /// The median run (by headline rate) of each (size, device), over its runs
 /// without interference from other processes (all its runs if none is
-/// quiet): (median run, min, max, runs counted, runs in all).
-fn medians(results: &[CaseResult]) -> Vec<(&CaseResult, f64, f64, usize, usize)> {
-    let mut out: Vec<(&CaseResult, f64, f64, usize, usize)> = Vec::new();
+/// quiet): (median run, min, max, which runs were counted).
+fn medians(results: &[CaseResult]) -> Vec<(&CaseResult, f64, f64, String)> {
+    let mut out: Vec<(&CaseResult, f64, f64, String)> = Vec::new();
     for r in results {
         if out
             .iter()
@@ -350,12 +351,17 @@ fn medians(results: &[CaseResult]) -> Vec<(&CaseResult, f64, f64, usize, usize)>
         let quiet: Vec<&CaseResult> = all
             .iter()
             .copied()
-            .filter(|o| o.interference.other_pct < BUSY_PCT)
+            .filter(|o| o.interference.steal_pct + o.interference.other_pct < BUSY_PCT)
             .collect();
+        let counted = if quiet.is_empty() {
+            format!("{} runs, none quiet", all.len())
+        } else {
+            format!("{} quiet of {}", quiet.len(), all.len())
+        };
         let mut runs = if quiet.is_empty() { all.clone() } else { quiet };
         runs.sort_by(|a, b| a.pps().total_cmp(&b.pps()));
         let (lo, hi) = (runs[0].pps(), runs[runs.len() - 1].pps());
-        out.push((runs[(runs.len() - 1) / 2], lo, hi, runs.len(), all.len()));
+        out.push((runs[(runs.len() - 1) / 2], lo, hi, counted));
     }
     out.sort_by_key(|(r, ..)| r.size);
     out
@@ -364,13 +370,14 @@ fn medians(results: &[CaseResult]) -> Vec<(&CaseResult, f64, f64, usize, usize)>
 fn print_tables(results: &[CaseResult]) {
     let med = medians(results);
     println!();
-    println!("Throughput, median run of each size and device (runs with other processes above {BUSY_PCT}% CPU left out");
-    println!("when quieter runs exist; Mpps delivered to the receiving guest in the window;");
+    println!("Throughput, median run of each size and device (runs that lost over {BUSY_PCT}% of the CPU to steal or");
+    println!("other processes left out when quieter runs exist; Mpps delivered to the receiving guest in the window;");
     println!("Gbit/s = frame bits incl. 4 B FCS, no preamble/IFG; \"L1\" adds 20 B/frame):");
     println!();
     println!("| size B | device | Mpps | min–max (runs) | Gbit/s | Gbit/s L1 | ratio vs testpmd | ring-full bursts | sent (gen) | received (gen) | lost (gen) | device drops |");
     println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
-    for &(r, lo, hi, n, all) in &med {
+    for (r, lo, hi, counted) in &med {
+        let (r, lo, hi) = (*r, *lo, *hi);
         let pps = r.pps();
         let ratio = if r.kind == Kind::Switch {
             med.iter()
@@ -390,7 +397,7 @@ fn print_tables(results: &[CaseResult]) {
             format!("{} ({})", r.counters.dropped, r.counters.detail)
         };
         println!(
-            "| {} | {} | {:.3} | {:.2}–{:.2} ({n} of {all}) | {:.2} | {:.2} | {} | {:.0}% | {} | {} | {} | {} |",
+            "| {} | {} | {:.3} | {:.2}–{:.2} ({counted}) | {:.2} | {:.2} | {} | {:.0}% | {} | {} | {} | {} |",
             r.size,
             r.kind.name(),
             pps / 1e6,
