@@ -115,21 +115,50 @@ impl SwitchProcess {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Start a switch on `run_dir` with exactly `--run-dir DIR` and `args`:
+    /// no `--workers`, so that the saved state (or `--config`) decides. Its
+    /// log is appended to [`LOG_FILE`] in the run directory, so that a
+    /// switch restarted on the same directory adds to the same log.
+    pub fn spawn_args(run_dir: &Path, args: &[String]) -> Result<Self, HarnessError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join(LOG_FILE))?;
+        Self::spawn_cmd(run_dir, None, args, None, Stdio::from(log))
+    }
+
     fn spawn_with(
         run_dir: &Path,
         opts: SwitchOptions,
         stderr: Stdio,
     ) -> Result<Self, HarnessError> {
-        let bin = match opts.binary {
+        Self::spawn_cmd(
+            run_dir,
+            Some(opts.workers),
+            &opts.extra_args,
+            opts.binary,
+            stderr,
+        )
+    }
+
+    fn spawn_cmd(
+        run_dir: &Path,
+        workers: Option<usize>,
+        args: &[String],
+        binary: Option<PathBuf>,
+        stderr: Stdio,
+    ) -> Result<Self, HarnessError> {
+        let bin = match binary {
             Some(b) => b,
             None => vioswitch_bin()?,
         };
-        let child = Command::new(bin)
-            .arg("--run-dir")
-            .arg(run_dir)
-            .arg("--workers")
-            .arg(opts.workers.to_string())
-            .args(&opts.extra_args)
+        let mut cmd = Command::new(bin);
+        cmd.arg("--run-dir").arg(run_dir);
+        if let Some(w) = workers {
+            cmd.arg("--workers").arg(w.to_string());
+        }
+        let child = cmd
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
