@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     idle_poll_us: u64,
     /// Frames a worker takes from one ring per visit.
-    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=256))]
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=64))]
     batch: u16,
     /// Seconds before an unused MAC address is forgotten [default: as saved, else 300].
     #[arg(long)]

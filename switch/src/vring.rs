@@ -157,6 +157,9 @@ pub struct Vring {
     event_idx: bool,
     /// Next avail entry to read.
     next_avail: u16,
+    /// `avail.idx` as last read. Entries up to it are known to be there, so
+    /// the guest's cache line is read again only when they are used up.
+    avail_cached: u16,
     /// Next used entry to write (published with `publish_used`).
     next_used: u16,
     /// `used.idx` as last published.
@@ -194,6 +197,7 @@ impl Vring {
             mem: Arc::new(GuestMemory::empty()),
             event_idx,
             next_avail: base,
+            avail_cached: base,
             next_used: 0,
             published_used: 0,
             signalled_used: 0,
@@ -271,14 +275,26 @@ impl Vring {
         u16::from_le(self.used_idx_atomic().load(Ordering::Acquire))
     }
 
-    /// How many avail entries wait to be consumed.
+    /// How many avail entries wait to be consumed. Reads the guest's index
+    /// only when the entries seen last time are used up.
     #[inline]
-    pub fn avail_pending(&self) -> Result<u16, RingFault> {
+    pub fn avail_pending(&mut self) -> Result<u16, RingFault> {
+        let n = self.avail_cached.wrapping_sub(self.next_avail);
+        if n != 0 {
+            return Ok(n);
+        }
+        self.refresh_avail()
+    }
+
+    /// Read the guest's avail index.
+    #[inline]
+    fn refresh_avail(&mut self) -> Result<u16, RingFault> {
         let idx = u16::from_le(self.avail_idx_atomic().load(Ordering::Acquire));
         let n = idx.wrapping_sub(self.next_avail);
         if n > self.size {
             return Err(RingFault::AvailJump(n, self.size));
         }
+        self.avail_cached = idx;
         Ok(n)
     }
 

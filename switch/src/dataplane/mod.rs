@@ -31,6 +31,8 @@ pub const MAX_PORTS: usize = 4096;
 pub const MAX_QUEUE_PAIRS: usize = 16;
 /// Largest Ethernet frame the switch carries (jumbo frames included), without the virtio header.
 pub const MAX_FRAME_LEN: usize = 16 * 1024;
+/// Most chains a worker takes from one ring per visit (`--batch`).
+pub const MAX_BATCH: usize = 64;
 /// Frames queued to one worker from the others.
 const MAILBOX_DEPTH: usize = 1024;
 /// Owner value of a port that no worker serves.
