@@ -97,7 +97,9 @@ pub fn reset(sw: &Switch) {
 pub fn well_formed(answer: &Value) -> bool {
     match answer.get("ok").and_then(Value::as_bool) {
         Some(true) => answer.get("result").is_some(),
-        Some(false) => answer["error"]["code"].is_string() && answer["error"]["message"].is_string(),
+        Some(false) => {
+            answer["error"]["code"].is_string() && answer["error"]["message"].is_string()
+        }
         None => false,
     }
 }
