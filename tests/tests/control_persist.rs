@@ -550,3 +550,40 @@ fn killed_in_the_middle_of_changes_the_saved_state_is_never_torn() {
          but not yet acknowledged"
     );
 }
+
+/// A port that cannot be restored at start-up (its socket's directory is
+/// gone for now) must not vanish from the saved configuration: once the
+/// directory is back, the next restart brings the port back.
+#[test]
+fn a_port_that_cannot_be_restored_for_now_is_not_forgotten() {
+    let dir = vioswitch_testkit::temp_dir("vioswitch-restore").unwrap();
+    let gone = vioswitch_testkit::temp_dir("vioswitch-restore-socks").unwrap();
+    let mut sw = SwitchProcess::spawn_args(&dir, &[]).expect("start");
+    sw.call(
+        "port.add",
+        json!({"name": "x", "socket": gone.join("x.sock")}),
+    )
+    .expect("port.add x");
+    sw.add_port("y").expect("port.add y");
+    let config = sw.call("config.show", json!({})).unwrap();
+    sw.kill();
+    drop(sw);
+    std::fs::remove_dir_all(&gone).unwrap();
+    let mut sw = SwitchProcess::spawn_args(&dir, &[]).expect("restart without x's directory");
+    assert!(sw.call("port.show", json!({"name": "y"})).is_ok());
+    assert!(
+        sw.log_text().contains("cannot restore port x"),
+        "{}",
+        sw.log_text()
+    );
+    sw.kill();
+    drop(sw);
+    std::fs::create_dir_all(&gone).unwrap();
+    let mut sw = SwitchProcess::spawn_args(&dir, &[]).expect("restart with it back");
+    assert_eq!(
+        sw.call("config.show", json!({})).unwrap(),
+        config,
+        "port x was dropped from the saved state by a restart that could not restore it"
+    );
+    assert!(gone.join("x.sock").exists());
+}
