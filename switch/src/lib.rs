@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod control;
+pub mod cpu;
 pub mod daemon;
 pub mod dataplane;
 pub mod events;

@@ -286,6 +286,35 @@ impl Vring {
         self.refresh_avail()
     }
 
+    /// Avail entries known to be there without reading the guest's index.
+    #[inline]
+    pub fn cached_pending(&self) -> u16 {
+        self.avail_cached.wrapping_sub(self.next_avail)
+    }
+
+    /// Start bringing in the descriptor and the first buffer line of the next
+    /// avail entry, if it is known to be there, without consuming it: when it
+    /// is taken, everything is read again (from cache), so a guest rewriting
+    /// it meanwhile changes nothing.
+    #[inline]
+    pub fn prefetch_next(&self) {
+        if self.cached_pending() == 0 {
+            return;
+        }
+        let slot = usize::from(self.next_avail & self.mask);
+        // SAFETY: slot < size: inside the avail ring (checked in `remap`).
+        let head = u16::from_le(unsafe {
+            std::ptr::read_volatile(self.avail.add(4 + 2 * slot) as *const u16)
+        });
+        if head >= self.size {
+            return;
+        }
+        let (addr, len, _, _) = self.read_desc(head);
+        if let Some(p) = self.mem.translate(addr, u64::from(len.min(64))) {
+            crate::cpu::prefetch_for_write(p);
+        }
+    }
+
     /// Read the guest's avail index.
     #[inline]
     fn refresh_avail(&mut self) -> Result<u16, RingFault> {

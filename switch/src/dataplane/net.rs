@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     Frame, NetFeatures, PortSettings, Shared, FLOOD, MAX_BATCH, MAX_FRAME_LEN, MAX_QUEUE_PAIRS,
 };
+use crate::cpu::prefetch;
 use crate::fdb::PortIdx;
 use crate::mem::GuestMemory;
 use crate::stats::{DropReason, PortStats};
@@ -393,6 +394,8 @@ fn deliver(
     for k in 0..n {
         ring.push_used(ctx.scratch.rx_chains[k].head, ctx.scratch.rx_used[k]);
     }
+    // Start fetching the next buffer now, in the shadow of other work.
+    ring.prefetch_next();
     port.stats.add_tx(u64::from(len));
     ctx.mark_dirty(ports, pos, q);
     Ok(())
@@ -606,18 +609,6 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
         }
     }
     got
-}
-
-/// Ask the CPU to bring the cache line at `p` in; a hint, never a fault.
-#[inline(always)]
-fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch is a hint: it never faults, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// Deliver a frame another worker handed over. Returns the buffer.
