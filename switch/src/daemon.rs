@@ -124,6 +124,11 @@ pub struct Switch {
     dp: Arc<Dataplane>,
     ports: Mutex<PortTable>,
     statics: Mutex<Vec<StaticEntry>>,
+    /// Saved ports and static entries that could not be brought back at
+    /// start (e.g. a socket directory missing for now). They stay in the
+    /// saved state, so a later restart retries them, until the user adds or
+    /// removes a port of that name.
+    unrestored: Mutex<(Vec<PortSpec>, Vec<StaticEntry>)>,
     events: Arc<EventBus>,
     started: Instant,
     ageing_s: u64,
@@ -193,6 +198,7 @@ impl Switch {
             run_dir: cfg.run_dir,
             ports: Mutex::new(PortTable::new(dp.clone(), events.clone())),
             statics: Mutex::new(Vec::new()),
+            unrestored: Mutex::new((Vec::new(), Vec::new())),
             dp,
             events,
             started: Instant::now(),
@@ -221,11 +227,17 @@ impl Switch {
         Ok(sw)
     }
 
-    /// Add the ports and static entries of `state`; failures are logged.
+    /// Add the ports and static entries of `state`. Failures are logged and
+    /// kept in the saved state (see `unrestored`).
     fn restore(&self, state: &SwitchState) {
+        let mut failed = (Vec::new(), Vec::new());
         for spec in &state.ports {
             if let Err(e) = self.ports().add(spec.clone()) {
-                log::error!("cannot restore port {}: {e}", spec.name);
+                log::error!(
+                    "cannot restore port {}: {e}; it stays in the saved state",
+                    spec.name
+                );
+                failed.0.push(spec.clone());
             }
         }
         for e in &state.fdb_static {
@@ -235,8 +247,27 @@ impl Switch {
                     e.mac,
                     e.port
                 );
+                failed.1.push(e.clone());
             }
         }
+        *self.unrestored() = failed;
+    }
+
+    fn unrestored(&self) -> MutexGuard<'_, (Vec<PortSpec>, Vec<StaticEntry>)> {
+        self.unrestored.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A port of this name was added or removed by the user: a saved port
+    /// of that name that could not be restored is no longer wanted.
+    pub fn settle_port_name(&self, name: &str) {
+        let mut u = self.unrestored();
+        u.0.retain(|p| p.name != name);
+        u.1.retain(|e| e.port != name);
+    }
+
+    /// Whether a saved port of this name waits to be restored.
+    pub fn is_unrestored(&self, name: &str) -> bool {
+        self.unrestored().0.iter().any(|p| p.name == name)
     }
 
     /// The run directory.
@@ -317,14 +348,21 @@ impl Switch {
         self.statics().retain(|e| e.port != port);
     }
 
-    /// The running configuration.
+    /// The running configuration, with what could not be restored.
     pub fn state(&self) -> SwitchState {
-        let ports = self.ports().specs();
+        let mut ports = self.ports().specs();
+        let mut fdb_static = self.statics().clone();
+        {
+            let u = self.unrestored();
+            ports.extend(u.0.iter().cloned());
+            fdb_static.extend(u.1.iter().cloned());
+        }
+        ports.sort_by(|a, b| a.name.cmp(&b.name));
         SwitchState {
             workers: Some(self.dp.worker_count()),
             fdb_ageing_s: Some(self.ageing_s),
             ports,
-            fdb_static: self.statics().clone(),
+            fdb_static,
             ..SwitchState::default()
         }
     }

@@ -194,10 +194,16 @@ fn port_add(sw: &Switch, a: PortAddArgs) -> Result<Value, ControlError> {
         ..PortSpec::server(&a.name, socket)
     };
     let info = sw.ports().add(spec)?;
+    sw.settle_port_name(&info.name);
     Ok(json!(info))
 }
 
 fn port_del(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    if sw.is_unrestored(&a.name) {
+        // A saved port that could not be restored: forget it.
+        sw.settle_port_name(&a.name);
+        return Ok(json!({}));
+    }
     sw.ports().remove(&a.name)?;
     sw.forget_statics_of(&a.name);
     Ok(json!({}))
