@@ -15,24 +15,33 @@
 # VIOSWITCH_GUEST_KERNEL_PKG to pin a package.
 #
 # Guest command line (read from /proc/cmdline by /init):
-#   vio.job=NAME       boot | ping | ping-loop | tcp-send | tcp-recv | serve
+#   vio.job=NAME       boot | ping | ping-loop | tcp-send | tcp-recv | serve |
+#                      driver-reload | mq-send
 #   vio.ip=A.B.C.D/N   address of eth0 (no network set up without it)
 #   vio.peer=A.B.C.D   the other guest
 #   vio.mtu=N          MTU of eth0
-#   vio.count=N        ping: echo requests; ping-loop: replies wanted per round
-#   vio.min=N          ping: replies needed for ok (default: count)
+#   vio.count=N        ping, driver-reload, mq-send: echo requests (per phase,
+#                      per CPU); ping-loop: replies wanted per round
+#   vio.min=N          ping, driver-reload, mq-send: replies needed for ok
+#                      (default: count)
 #   vio.interval=S     ping: seconds between requests (default 0.2)
-#   vio.wait=S         ping: seconds to wait for the peer's first reply;
-#                      tcp-send: seconds to keep trying to connect;
+#   vio.wait=S         ping, driver-reload, mq-send: seconds to wait for the
+#                      peer's first reply; tcp-send, mq-send: seconds to keep
+#                      trying to connect;
 #                      tcp-recv: seconds to wait for the transfer (default 120)
 #   vio.deadline=S     ping-loop: seconds allowed per round (default 120)
 #   vio.rounds=N       ping-loop: rounds; between two rounds the job waits for
 #                      the peer to stop answering (for kill-and-restart tests)
-#   vio.bytes=N        tcp-send: payload size (default 1048576);
+#   vio.reloads=N      driver-reload: unload/load cycles (default 1)
+#   vio.queues=N       mq-send: TX and RX queues eth0 must have (default 1)
+#   vio.bytes=N        tcp-send, mq-send: payload size (default 1048576);
 #                      tcp-recv: expected size (ok only if it matches)
 #   vio.port=N         TCP port (default 5001)
 #   vio.linger=S       after the result, stay up S seconds (answering pings)
 #                      before powering off; default 0
+#   vio.then=reboot    after the result (and linger), reboot instead of
+#                      powering off: the job runs again on every boot
+#                      (QEMU without -no-reboot; the test stops it)
 #   vio.timeout=S      watchdog: fail and power off after S seconds
 #                      (default 600; serve: none)
 #
@@ -328,7 +337,12 @@ finish() {
         sleep "$VIO_linger"
     fi
     sync
-    poweroff -f
+    if [ "$VIO_then" = reboot ]; then
+        echo "VIOTEST-REBOOT"
+        reboot -f
+    else
+        poweroff -f
+    fi
     while :; do sleep 1; done
 }
 
@@ -371,6 +385,32 @@ wait_peer() {
     while [ "$(now)" -lt "$end" ]; do
         ping_once && return 0
     done
+    return 1
+}
+
+# ping_phase N MIN WAIT [CMD...]: wait up to WAIT seconds for the peer's first
+# reply, then send it N echo requests (with CMD before ping, e.g. taskset).
+# Sets PH_GOT (replies) and PH_INFO (k=v words, or why it failed); succeeds
+# with at least MIN replies.
+ping_phase() {
+    local n=$1 min=$2 wait=$3 t0 t1 out rtt
+    shift 3
+    PH_GOT=0
+    t0=$(now)
+    if ! wait_peer "$wait"; then
+        PH_INFO="peer $VIO_peer did not answer within ${wait}s"
+        return 1
+    fi
+    t1=$(now)
+    out=$("$@" ping -c "$n" -i "${VIO_interval:-0.2}" -W 5 "$VIO_peer" 2>&1)
+    PH_GOT=$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')
+    rtt=$(echo "$out" | sed -n 's/.*min\/avg\/max = \([^ ]*\).*/\1/p')
+    PH_GOT=${PH_GOT:-0}
+    if [ "$PH_GOT" -ge "$min" ]; then
+        PH_INFO="replies=$PH_GOT sent=$n rtt=$rtt first_reply_after=$((t1 - t0))s"
+        return 0
+    fi
+    PH_INFO="replies=$PH_GOT sent=$n min=$min: $(echo "$out" | tail -n 2 | tr '\n' ' ')"
     return 1
 }
 
@@ -507,6 +547,115 @@ elif [ "$got" = 0 ]; then
 else
     result ok "bytes=$got sha256=$sum secs=$(($(now) - t0))"
 fi
+EOF
+
+cat >"$ird/jobs/driver-reload" <<'EOF'
+# driver-reload: ping the peer; then, vio.reloads times: unload virtio_net
+# and load it again (the driver resets the virtio device, and QEMU stops the
+# rings with GET_VRING_BASE and sets them up again on the same vhost-user
+# connection), configure eth0 again and ping the peer again.
+need_peer || exit 0
+n=${VIO_count:-5}
+min=${VIO_min:-$n}
+wait=${VIO_wait:-120}
+reloads=${VIO_reloads:-1}
+if ! ping_phase "$n" "$min" "$wait"; then
+    result fail "before the reload: $PH_INFO"
+    exit 0
+fi
+echo "VIOTEST-PROGRESS phase=0 ok $PH_INFO"
+got="$PH_GOT"
+k=1
+while [ "$k" -le "$reloads" ]; do
+    t0=$(now)
+    if ! rmmod virtio_net; then
+        result fail "reload $k: rmmod virtio_net failed"
+        exit 0
+    fi
+    i=0
+    while [ -e /sys/class/net/eth0 ]; do
+        i=$((i + 1))
+        if [ $i -gt 100 ]; then
+            result fail "reload $k: eth0 still there 10s after rmmod"
+            exit 0
+        fi
+        sleep 0.1
+    done
+    echo "VIOTEST-PROGRESS reload=$k unloaded"
+    if ! insmod /lib/modules/virtio_net.ko; then
+        result fail "reload $k: insmod virtio_net failed"
+        exit 0
+    fi
+    net_setup || exit 0
+    t1=$(now)
+    if ! ping_phase "$n" "$min" "$wait"; then
+        result fail "after reload $k: $PH_INFO"
+        exit 0
+    fi
+    echo "VIOTEST-PROGRESS phase=$k ok reload_secs=$((t1 - t0)) $PH_INFO"
+    got="$got,$PH_GOT"
+    k=$((k + 1))
+done
+result ok "reloads=$reloads replies=$got"
+EOF
+
+cat >"$ird/jobs/mq-send" <<'EOF'
+# mq-send: for a guest with a multiqueue NIC and several CPUs. Check that eth0
+# has vio.queues TX and RX queues (Linux enables min(CPUs, queue pairs)
+# pairs), ping the peer from every CPU in turn (XPS maps CPU i to TX queue i),
+# then send vio.bytes to the peer's tcp-recv listener from the last CPU.
+need_peer || exit 0
+want=${VIO_queues:-1}
+n=${VIO_count:-5}
+min=${VIO_min:-$n}
+wait=${VIO_wait:-120}
+bytes=${VIO_bytes:-1048576}
+port=${VIO_port:-5001}
+q=/sys/class/net/eth0/queues
+rxq=$(ls -d $q/rx-* | wc -l)
+txq=$(ls -d $q/tx-* | wc -l)
+cpus=$(nproc)
+xps=""
+i=0
+while [ "$i" -lt "$txq" ]; do
+    xps="$xps${xps:+,}$(cat $q/tx-$i/xps_cpus 2>/dev/null || echo none)"
+    i=$((i + 1))
+done
+info="tx_queues=$txq rx_queues=$rxq cpus=$cpus xps=$xps"
+echo "VIOTEST-PROGRESS $info"
+if [ "$txq" -lt "$want" ] || [ "$rxq" -lt "$want" ]; then
+    result fail "eth0 has fewer queues than $want: $info"
+    exit 0
+fi
+replies=""
+cpu=0
+while [ "$cpu" -lt "$cpus" ]; do
+    mask=$(printf %x $((1 << cpu)))
+    if ! ping_phase "$n" "$min" "$wait" taskset "$mask"; then
+        result fail "ping from cpu $cpu: $PH_INFO ($info)"
+        exit 0
+    fi
+    echo "VIOTEST-PROGRESS cpu=$cpu $PH_INFO"
+    replies="$replies${replies:+,}$PH_GOT"
+    cpu=$((cpu + 1))
+done
+payload "$bytes" >/tmp/payload
+sum=$(sum_of /tmp/payload)
+end=$(($(now) + wait))
+tries=0
+while :; do
+    tries=$((tries + 1))
+    t0=$(now)
+    if taskset "$mask" nc -w 5 "$VIO_peer" "$port" </tmp/payload; then
+        result ok "$info replies=$replies bytes=$bytes sha256=$sum tries=$tries secs=$(($(now) - t0))"
+        exit 0
+    fi
+    if [ "$(now)" -ge "$end" ]; then
+        result fail "could not send to $VIO_peer:$port within ${wait}s ($tries tries; $info)"
+        exit 0
+    fi
+    sleep 1
+done
 EOF
 
 log "building initramfs"

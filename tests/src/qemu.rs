@@ -17,7 +17,9 @@
 //! ```
 //!
 //! Jobs (`vio.job=`): `boot`, `ping`, `ping-loop`, `tcp-send`, `tcp-recv`,
-//! `serve`; their parameters are `vio.*` kernel arguments, documented at the
+//! `serve`, `driver-reload` (ping, unload and reload virtio_net, ping
+//! again), `mq-send` (check eth0's queues, ping from every CPU, send a
+//! payload); their parameters are `vio.*` kernel arguments, documented at the
 //! top of `scripts/guest-kernel.sh` (e.g. `vio.ip=10.0.0.1/24`,
 //! `vio.peer=10.0.0.2`, `vio.count=5`, `vio.bytes=1048576`).
 //!
@@ -26,8 +28,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -82,6 +85,8 @@ pub enum QemuError {
     },
     #[error("malformed result line: {0:?}")]
     BadResult(String),
+    #[error("guest {guest}: monitor: {what}")]
+    Monitor { guest: String, what: String },
 }
 
 /// Result alias of this module.
@@ -237,6 +242,17 @@ pub struct GuestConfig {
     pub memory_mib: u32,
     /// More QEMU arguments (e.g. a vhost-user-blk device).
     pub extra_qemu_args: Vec<String>,
+    /// Virtual CPUs (`-smp`).
+    pub cpus: u32,
+    /// Queue pairs of a vhost-user NIC: above 1, `queues=N` on the netdev
+    /// and `mq=on` on the device (the port must have as many).
+    pub queue_pairs: u16,
+    /// Let the guest reboot: without `-no-reboot`, a guest reboot or a
+    /// monitor `system_reset` restarts the guest instead of ending QEMU.
+    pub reboot: bool,
+    /// An HMP monitor on a unix socket in the guest's log directory, for
+    /// [`QemuGuest::monitor`].
+    pub monitor: bool,
 }
 
 impl Default for GuestConfig {
@@ -248,6 +264,10 @@ impl Default for GuestConfig {
             kernel_args: Vec::new(),
             memory_mib: 256,
             extra_qemu_args: Vec::new(),
+            cpus: 1,
+            queue_pairs: 1,
+            reboot: false,
+            monitor: false,
         }
     }
 }
@@ -277,6 +297,12 @@ pub fn mac(n: u8) -> String {
     format!("52:54:00:00:00:{n:02x}")
 }
 
+/// The monitor socket of a guest whose logs are in `dir` (see
+/// [`GuestConfig::monitor`]).
+pub fn monitor_path(dir: &Path) -> PathBuf {
+    dir.join("monitor.sock")
+}
+
 /// The QEMU command line for `cfg` (without the program name).
 pub fn qemu_args(img: &GuestImage, cfg: &GuestConfig, serial_log: &Path) -> Vec<String> {
     let mem = cfg.memory_mib;
@@ -290,27 +316,44 @@ pub fn qemu_args(img: &GuestImage, cfg: &GuestConfig, serial_log: &Path) -> Vec<
         "-numa".into(),
         "node,memdev=mem".into(),
         "-smp".into(),
-        "1".into(),
+        cfg.cpus.max(1).to_string(),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-display".into(),
         "none".into(),
-        "-no-reboot".into(),
+    ];
+    if !cfg.reboot {
+        a.push("-no-reboot".into());
+    }
+    a.extend([
         "-accel".into(),
         "tcg".into(),
         "-serial".into(),
         format!("file:{}", serial_log.display()),
-    ];
+    ]);
+    if cfg.monitor {
+        let dir = serial_log.parent().unwrap_or_else(|| Path::new("."));
+        a.push("-monitor".into());
+        a.push(format!(
+            "unix:{},server=on,wait=off",
+            monitor_path(dir).display()
+        ));
+    }
     match &cfg.net {
         GuestNet::None => {}
         GuestNet::VhostUser { socket, mac } => {
             a.push("-chardev".into());
             a.push(format!("socket,id=c0,path={}", socket.display()));
+            // MSI-X with vhost-user-net crashes QEMU 7.2 under TCG: vectors=0
+            // (multiqueue included: the queues share the INTx line).
+            let (queues, mq) = match cfg.queue_pairs {
+                0 | 1 => (String::new(), ""),
+                q => (format!(",queues={q}"), ",mq=on"),
+            };
             a.push("-netdev".into());
-            a.push("vhost-user,id=n0,chardev=c0".into());
+            a.push(format!("vhost-user,id=n0,chardev=c0{queues}"));
             a.push("-device".into());
-            // MSI-X with vhost-user-net crashes QEMU 7.2 under TCG: vectors=0.
-            a.push(format!("virtio-net-pci,netdev=n0,mac={mac},vectors=0"));
+            a.push(format!("virtio-net-pci,netdev=n0,mac={mac},vectors=0{mq}"));
         }
         GuestNet::Udp { local, remote, mac } => {
             a.push("-netdev".into());
@@ -389,6 +432,7 @@ pub struct QemuGuest {
     dir: PathBuf,
     serial: PathBuf,
     stderr: PathBuf,
+    monitor: Option<PathBuf>,
     started: Instant,
 }
 
@@ -430,12 +474,14 @@ impl QemuGuest {
             child.id(),
             dir.display()
         );
+        let monitor = cfg.monitor.then(|| monitor_path(&dir));
         Ok(QemuGuest {
             name: cfg.name,
             child,
             dir,
             serial,
             stderr,
+            monitor,
             started: Instant::now(),
         })
     }
@@ -498,23 +544,50 @@ impl QemuGuest {
             .map(|l| l.trim().to_string())
     }
 
+    /// The complete serial lines containing `marker` so far, in order.
+    pub fn find_lines(&self, marker: &str) -> Vec<String> {
+        let log = self.serial_log();
+        let complete = match log.rfind('\n') {
+            Some(end) => &log[..end],
+            None => return Vec::new(),
+        };
+        complete
+            .lines()
+            .filter(|l| l.contains(marker))
+            .map(|l| l.trim().to_string())
+            .collect()
+    }
+
     /// Wait for a serial line containing `marker` (searched from the start
     /// of the log) and return it. Fails when QEMU exits first or the
     /// timeout passes; the error carries the logs.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_nth(marker, 1, timeout)
+    }
+
+    /// Wait for the `n`th serial line (from 1) containing `marker`, e.g.
+    /// the result of the job's second run after a reboot.
+    pub fn wait_for_nth(&mut self, marker: &str, n: usize, timeout: Duration) -> Result<String> {
+        let n = n.max(1);
+        let nth = |g: &Self| g.find_lines(marker).into_iter().nth(n - 1);
+        let what = if n == 1 {
+            marker.to_string()
+        } else {
+            format!("{marker} (occurrence {n})")
+        };
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self.find_line(marker) {
+            if let Some(line) = nth(self) {
                 return Ok(line);
             }
             if let Some(status) = self.child.try_wait()? {
                 // Whatever it wrote before exiting is in the file now.
-                if let Some(line) = self.find_line(marker) {
+                if let Some(line) = nth(self) {
                     return Ok(line);
                 }
                 return Err(QemuError::Exited {
                     guest: self.name.clone(),
-                    marker: marker.to_string(),
+                    marker: what,
                     status,
                     logs: self.logs(),
                 });
@@ -522,7 +595,7 @@ impl QemuGuest {
             if Instant::now() >= deadline {
                 return Err(QemuError::Timeout {
                     guest: self.name.clone(),
-                    marker: marker.to_string(),
+                    marker: what,
                     timeout,
                     logs: self.logs(),
                 });
@@ -533,8 +606,56 @@ impl QemuGuest {
 
     /// Wait for the job's result line and parse it.
     pub fn result(&mut self, timeout: Duration) -> Result<GuestResult> {
-        let line = self.wait_for(RESULT_MARKER, timeout)?;
+        self.result_nth(1, timeout)
+    }
+
+    /// Wait for the `n`th result line (from 1; a guest that reboots runs
+    /// its job again) and parse it.
+    pub fn result_nth(&mut self, n: usize, timeout: Duration) -> Result<GuestResult> {
+        let line = self.wait_for_nth(RESULT_MARKER, n, timeout)?;
         GuestResult::parse(&line)
+    }
+
+    /// Run one command on the guest's HMP monitor (the guest needs
+    /// [`GuestConfig::monitor`]) and return what the monitor printed before
+    /// its next prompt, e.g. for `system_reset` or `info status`.
+    pub fn monitor(&mut self, command: &str, timeout: Duration) -> Result<String> {
+        let guest = self.name.clone();
+        let err = |what: String| QemuError::Monitor {
+            guest: guest.clone(),
+            what,
+        };
+        let path = self
+            .monitor
+            .clone()
+            .ok_or_else(|| err("started without a monitor".into()))?;
+        let deadline = Instant::now() + timeout;
+        // QEMU creates the socket while it starts.
+        let mut sock = loop {
+            match UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if Instant::now() >= deadline || !self.is_running() {
+                        return Err(err(format!("cannot connect to {}: {e}", path.display())));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let mut out = Vec::new();
+        read_to_prompt(&mut sock, &mut out, 0, deadline).map_err(err)?;
+        let start = out.len();
+        sock.write_all(format!("{command}\n").as_bytes())?;
+        read_to_prompt(&mut sock, &mut out, start, deadline).map_err(err)?;
+        let text = String::from_utf8_lossy(&out[start..]).into_owned();
+        let text = text.strip_suffix(MONITOR_PROMPT).unwrap_or(&text);
+        // The monitor echoes the command line (with terminal escapes).
+        Ok(text
+            .lines()
+            .filter(|l| !l.contains(command))
+            .collect::<Vec<_>>()
+            .join("\n"))
     }
 
     /// Whether QEMU is still running.
@@ -567,6 +688,40 @@ impl QemuGuest {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+    }
+}
+
+const MONITOR_PROMPT: &str = "(qemu) ";
+
+/// Read from an HMP monitor until what came after `out[from..]` ends with
+/// its prompt.
+fn read_to_prompt(
+    sock: &mut UnixStream,
+    out: &mut Vec<u8>,
+    from: usize,
+    deadline: Instant,
+) -> std::result::Result<(), String> {
+    let mut buf = [0u8; 4096];
+    loop {
+        if String::from_utf8_lossy(&out[from..]).ends_with(MONITOR_PROMPT) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no prompt in time; got {:?}",
+                String::from_utf8_lossy(out)
+            ));
+        }
+        match sock.read(&mut buf) {
+            Ok(0) => return Err(format!("closed; got {:?}", String::from_utf8_lossy(out))),
+            Ok(k) => out.extend_from_slice(&buf[..k]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }
 
@@ -665,5 +820,20 @@ mod tests {
         assert!(a.contains("-nodefaults -no-user-config -display none -no-reboot -accel tcg"));
         assert!(a.contains("-chardev socket,id=c0,path=/run/vm1.sock -netdev vhost-user,id=n0,chardev=c0 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,vectors=0"));
         assert!(a.ends_with("-append console=ttyS0 panic=-1 quiet vio.job=ping vio.ip=10.0.0.1/24"));
+        assert!(a.contains("-smp 1 "));
+        assert!(!a.contains("-monitor"));
+
+        let cfg = GuestConfig {
+            cpus: 2,
+            queue_pairs: 2,
+            reboot: true,
+            monitor: true,
+            ..cfg
+        };
+        let a = qemu_args(&img, &cfg, Path::new("/tmp/g/serial.log")).join(" ");
+        assert!(a.contains("-smp 2 "));
+        assert!(!a.contains("-no-reboot"));
+        assert!(a.contains("-monitor unix:/tmp/g/monitor.sock,server=on,wait=off"));
+        assert!(a.contains("-netdev vhost-user,id=n0,chardev=c0,queues=2 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,vectors=0,mq=on"));
     }
 }
