@@ -7,15 +7,22 @@
 //!
 //! One test at a time (a lock: they share one binary and 2 cores); the
 //! deadlines only bound a hang.
+//!
+//! The reset tests reset a running guest's virtio-net device on the same
+//! vhost-user connection (driver unloaded and loaded again, a monitor
+//! `system_reset`, a reboot from inside the guest): QEMU stops every ring
+//! with `GET_VRING_BASE` and sets them up again.
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Value};
 use vioswitch_testkit::qemu::{
-    mac, payload, sha256_hex, GuestImage, QemuGuest, QemuNetOpts, READY_MARKER,
+    mac, payload, sha256_hex, GuestConfig, GuestImage, GuestNet, GuestResult, QemuError, QemuGuest,
+    QemuNetOpts, READY_MARKER,
 };
-use vioswitch_testkit::switch::{SwitchOptions, SwitchProcess};
+use vioswitch_testkit::switch::{vioswitch_bin, SwitchOptions, SwitchProcess};
 
 const BOOT: Duration = Duration::from_secs(120);
 const JOB: Duration = Duration::from_secs(300);
@@ -219,4 +226,273 @@ fn traffic_resumes_after_a_guest_is_killed_and_restarted() {
         t0.elapsed(),
         r.details
     );
+}
+
+// ------------------------------------------------------------ resets ----
+
+/// A switch whose log (warnings, and the vhost-user set-up at debug level:
+/// "port NAME: queue Q started") goes to [`SwitchProcess::log_text`]. A
+/// wrapper script sets `RUST_LOG`, which the harness otherwise takes from
+/// the test's environment.
+fn logged_switch() -> SwitchProcess {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = vioswitch_bin().expect("vioswitch binary (cargo build -p vioswitch --bins)");
+    let dir = vioswitch_testkit::temp_dir("vioswitch-e2e-wrapper").expect("temp dir");
+    let wrapper = dir.join("vioswitch");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nRUST_LOG='warn,vioswitch::vhost_user=debug' exec '{}' \"$@\"\n",
+            bin.display()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))
+        .expect("chmod the wrapper");
+    SwitchProcess::spawn_logged(SwitchOptions {
+        binary: Some(wrapper),
+        ..SwitchOptions::default()
+    })
+    .expect("start vioswitch")
+}
+
+/// How often the switch started ring `queue` of `port` (from its debug log).
+fn starts(sw: &SwitchProcess, port: &str, queue: u16) -> usize {
+    let needle = format!("port {port}: queue {queue} started");
+    sw.log_text().matches(needle.as_str()).count()
+}
+
+/// The switch's warnings and errors, for messages.
+fn switch_complaints(sw: &SwitchProcess) -> String {
+    sw.log_text()
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The guest's result, or a panic as soon as QEMU says it could not start
+/// vhost-net on the switch's port: it then falls back to its own virtio
+/// emulation, which moves no frame, and the job would only time out.
+fn result_unless_vhost_fails(
+    g: &mut QemuGuest,
+    sw: &SwitchProcess,
+    timeout: Duration,
+) -> GuestResult {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match g.result(Duration::from_secs(2)) {
+            Ok(r) => return r,
+            Err(QemuError::Timeout { .. }) if Instant::now() < deadline => {
+                let stderr = g.qemu_stderr();
+                if stderr.contains("unable to start vhost net") {
+                    panic!(
+                        "QEMU could not start vhost-net on the switch's port (the switch refused a request):\n{}\nswitch:\n{}",
+                        g.logs(),
+                        switch_complaints(sw)
+                    );
+                }
+            }
+            Err(e) => panic!(
+                "{}'s result: {e}\nswitch:\n{}",
+                g.name(),
+                switch_complaints(sw)
+            ),
+        }
+    }
+}
+
+fn port_show(sw: &mut SwitchProcess, name: &str) -> Value {
+    sw.call("port.show", json!({ "name": name }))
+        .unwrap_or_else(|e| panic!("port.show {name}: {e}"))
+}
+
+/// The port kept its one connection through the resets and is not broken.
+fn assert_same_connection(sw: &mut SwitchProcess, name: &str, guest: &QemuGuest) {
+    let info = port_show(sw, name);
+    eprintln!("port {name}: {info}");
+    assert_eq!(
+        info["connections"],
+        json!(1),
+        "port {name} was reconnected: {info}\n{}\n{}",
+        guest.logs(),
+        switch_complaints(sw)
+    );
+    assert_eq!(info["connected"], json!(true), "port {name}: {info}");
+    assert_eq!(
+        info["broken"],
+        json!(false),
+        "port {name} broken: {info}\n{}",
+        switch_complaints(sw)
+    );
+}
+
+fn vhost_guest(name: &str, socket: &Path, n: u8, job: &str, args: &[&str]) -> GuestConfig {
+    GuestConfig {
+        name: name.into(),
+        net: GuestNet::VhostUser {
+            socket: socket.to_path_buf(),
+            mac: mac(n),
+        },
+        job: job.into(),
+        kernel_args: args.iter().map(|s| s.to_string()).collect(),
+        ..GuestConfig::default()
+    }
+}
+
+/// B (`serve` on vm2, 10.0.0.2) for the reset tests.
+fn serving_peer(img: &GuestImage, s2: &Path) -> QemuGuest {
+    let mut b = QemuGuest::spawn(
+        img,
+        vhost_guest("vm2", s2, 2, "serve", &["vio.ip=10.0.0.2/24"]),
+    )
+    .expect("start guest B");
+    b.wait_for(READY_MARKER, BOOT).expect("guest B's network");
+    b
+}
+
+#[test]
+fn guest_driver_reload_resets_the_device_on_the_same_connection() {
+    let _g = serial();
+    let img = image();
+    let mut sw = logged_switch();
+    let s1 = sw.add_port("vm1").expect("add port vm1");
+    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let t0 = Instant::now();
+    let mut b = serving_peer(&img, &s2);
+    const RELOADS: usize = 2;
+    let reloads = format!("vio.reloads={RELOADS}");
+    let mut a = QemuGuest::spawn(
+        &img,
+        vhost_guest(
+            "vm1",
+            &s1,
+            1,
+            "driver-reload",
+            &[
+                "vio.ip=10.0.0.1/24",
+                "vio.peer=10.0.0.2",
+                "vio.count=5",
+                &reloads,
+                "vio.linger=600",
+            ],
+        ),
+    )
+    .expect("start guest A");
+    let r = result_unless_vhost_fails(&mut a, &sw, JOB);
+    show_stats(&mut sw, &["vm1", "vm2"]);
+    assert!(
+        r.ok,
+        "A: {}\n{}\n{}\nswitch:\n{}",
+        r.line,
+        a.logs(),
+        b.logs(),
+        switch_complaints(&sw)
+    );
+    assert_eq!(r.get("replies"), Some("5,5,5"), "{}", r.line);
+    assert_same_connection(&mut sw, "vm1", &a);
+    // The switch saw the rings stopped and started again.
+    for q in [0, 1] {
+        assert!(
+            starts(&sw, "vm1", q) > RELOADS,
+            "queue {q} of vm1 started {} times for {RELOADS} reloads:\n{}",
+            starts(&sw, "vm1", q),
+            sw.log_text()
+        );
+    }
+    assert!(b.is_running() && sw.is_running());
+    eprintln!(
+        "A pinged B before and after {RELOADS} driver reloads in {:?} (vm1 queue 0 started {} times): {}",
+        t0.elapsed(),
+        starts(&sw, "vm1", 0),
+        r.details
+    );
+}
+
+/// A pings B, is reset `resets` times by `reset` (each reset starts the
+/// guest, and its ping job, again) and must reach B after each; the port
+/// keeps its connection.
+fn ping_across_resets(
+    label: &str,
+    extra: &[&str],
+    monitor: bool,
+    resets: usize,
+    mut reset: impl FnMut(&mut QemuGuest),
+) {
+    let img = image();
+    let mut sw = logged_switch();
+    let s1 = sw.add_port("vm1").expect("add port vm1");
+    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let t0 = Instant::now();
+    let mut b = serving_peer(&img, &s2);
+    let mut args = vec!["vio.ip=10.0.0.1/24", "vio.peer=10.0.0.2", "vio.count=5"];
+    args.extend_from_slice(extra);
+    let mut a = QemuGuest::spawn(
+        &img,
+        GuestConfig {
+            reboot: true,
+            monitor,
+            ..vhost_guest("vm1", &s1, 1, "ping", &args)
+        },
+    )
+    .expect("start guest A");
+    let mut times = Vec::new();
+    for boot in 1..=resets + 1 {
+        let r = a.result_nth(boot, JOB).unwrap_or_else(|e| {
+            panic!(
+                "A's result in boot {boot}: {e}\n{}\nswitch:\n{}",
+                b.logs(),
+                switch_complaints(&sw)
+            )
+        });
+        assert!(
+            r.ok,
+            "A in boot {boot}: {}\n{}\n{}\nswitch:\n{}",
+            r.line,
+            a.logs(),
+            b.logs(),
+            switch_complaints(&sw)
+        );
+        times.push(t0.elapsed());
+        if boot <= resets {
+            reset(&mut a);
+            // The reset is done once the guest starts again.
+            a.wait_for_nth("VIOTEST-BOOT", boot + 1, BOOT)
+                .unwrap_or_else(|e| panic!("A did not boot again after reset {boot}: {e}"));
+        }
+    }
+    show_stats(&mut sw, &["vm1", "vm2"]);
+    assert_same_connection(&mut sw, "vm1", &a);
+    for q in [0, 1] {
+        assert!(
+            starts(&sw, "vm1", q) > resets,
+            "queue {q} of vm1 started {} times for {resets} resets:\n{}",
+            starts(&sw, "vm1", q),
+            sw.log_text()
+        );
+    }
+    assert!(b.is_running() && sw.is_running());
+    eprintln!(
+        "{label}: A pinged B in each of {} boots, results after {times:?}",
+        resets + 1
+    );
+}
+
+#[test]
+fn guest_system_reset_resets_the_device_on_the_same_connection() {
+    let _g = serial();
+    // A stays up after its result until the monitor resets it.
+    ping_across_resets("system_reset", &["vio.linger=600"], true, 2, |a| {
+        let out = a
+            .monitor("system_reset", Duration::from_secs(30))
+            .expect("system_reset on A's monitor");
+        eprintln!("system_reset: {out:?}");
+    });
+}
+
+#[test]
+fn guest_reboot_from_inside_resets_the_device_on_the_same_connection() {
+    let _g = serial();
+    // A reboots itself after each result (`reboot -f`), forever.
+    ping_across_resets("in-guest reboot", &["vio.then=reboot"], false, 2, |_| {});
 }
