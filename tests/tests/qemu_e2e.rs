@@ -11,9 +11,10 @@
 //! The reset tests reset a running guest's virtio-net device on the same
 //! vhost-user connection (driver unloaded and loaded again, a monitor
 //! `system_reset`, a reboot from inside the guest): QEMU stops every ring
-//! with `GET_VRING_BASE` and sets them up again.
+//! with `GET_VRING_BASE` and sets them up again. The multiqueue test gives a
+//! guest with 2 CPUs a 2-queue-pair port.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -495,4 +496,109 @@ fn guest_reboot_from_inside_resets_the_device_on_the_same_connection() {
     let _g = serial();
     // A reboots itself after each result (`reboot -f`), forever.
     ping_across_resets("in-guest reboot", &["vio.then=reboot"], false, 2, |_| {});
+}
+
+// -------------------------------------------------------- multiqueue ----
+
+/// A guest with 2 CPUs on a 2-queue-pair port (Linux enables min(CPUs,
+/// pairs) pairs; XPS sends from CPU i on TX queue i) pings and sends 1 MiB
+/// to a single-queue guest. QEMU 7.2 sets the memory up once per queue pair
+/// on the same connection: with `CONFIGURE_MEM_SLOTS` the port gets the same
+/// `ADD_MEM_REG` twice (QEMU 8.0 sends it once), which it must accept.
+#[test]
+fn multiqueue_guest_talks_to_a_single_queue_guest() {
+    let _g = serial();
+    let img = image();
+    const BYTES: usize = 1 << 20;
+    let expected = sha256_hex(&payload(BYTES)).expect("sha256sum");
+    let mut sw = logged_switch();
+    let info = sw
+        .call("port.add", json!({ "name": "mq", "queues": 2 }))
+        .expect("add port mq with 2 queue pairs");
+    assert_eq!(info["queue_pairs"], json!(2), "{info}");
+    let s1 = PathBuf::from(info["socket"].as_str().expect("socket path"));
+    let s2 = sw.add_port("sq").expect("add port sq");
+    let bytes = format!("vio.bytes={BYTES}");
+    let t0 = Instant::now();
+    let mut rx = QemuGuest::spawn(
+        &img,
+        vhost_guest(
+            "sq",
+            &s2,
+            2,
+            "tcp-recv",
+            &["vio.ip=10.0.0.2/24", &bytes, "vio.wait=300"],
+        ),
+    )
+    .expect("start the single-queue guest");
+    // Linux enables min(CPUs, queue pairs) pairs: 2 CPUs for 2 pairs.
+    let mut tx = QemuGuest::spawn(
+        &img,
+        GuestConfig {
+            cpus: 2,
+            queue_pairs: 2,
+            ..vhost_guest(
+                "mq",
+                &s1,
+                1,
+                "mq-send",
+                &[
+                    "vio.ip=10.0.0.1/24",
+                    "vio.peer=10.0.0.2",
+                    "vio.queues=2",
+                    "vio.count=5",
+                    &bytes,
+                    "vio.wait=120",
+                    "vio.linger=600",
+                ],
+            )
+        },
+    )
+    .expect("start the multiqueue guest");
+    let rs = result_unless_vhost_fails(&mut tx, &sw, JOB);
+    let rr = rx.result(JOB).expect("single-queue guest's result");
+    show_stats(&mut sw, &["mq", "sq"]);
+    assert!(
+        rs.ok,
+        "mq: {}\n{}\n{}\nswitch:\n{}",
+        rs.line,
+        tx.logs(),
+        rx.logs(),
+        switch_complaints(&sw)
+    );
+    assert!(rr.ok, "sq: {}\n{}", rr.line, rx.logs());
+    assert_eq!(rs.get("tx_queues"), Some("2"), "{}", rs.line);
+    assert_eq!(rs.get("rx_queues"), Some("2"), "{}", rs.line);
+    assert_eq!(
+        rs.get("replies"),
+        Some("5,5"),
+        "pings from both CPUs: {}",
+        rs.line
+    );
+    assert_eq!(rr.get("sha256"), Some(expected.as_str()), "{}", rr.line);
+    // The switch ran all four rings of the multiqueue port.
+    for q in 0..4 {
+        assert!(
+            starts(&sw, "mq", q) >= 1,
+            "queue {q} of port mq never started:\n{}",
+            sw.log_text()
+        );
+    }
+    let mq = port_show(&mut sw, "mq");
+    eprintln!("port mq: {mq}");
+    assert_eq!(mq["connections"], json!(1), "{mq}");
+    assert_eq!(mq["broken"], json!(false), "{mq}");
+    let st = &mq["stats"];
+    let n = |k: &str| st[k].as_u64().unwrap_or(0);
+    assert!(
+        n("rx_bytes") >= BYTES as u64,
+        "the payload did not go through port mq: {st}"
+    );
+    assert!(n("tx_packets") >= 10, "replies did not reach port mq: {st}");
+    eprintln!(
+        "multiqueue guest -> single-queue guest after {:?}: {} | {}",
+        t0.elapsed(),
+        rs.details,
+        rr.details
+    );
 }
