@@ -174,6 +174,9 @@ impl Switch {
     /// state (or the initial configuration when there is none).
     pub fn start(cfg: SwitchConfig) -> Result<Arc<Self>, SwitchError> {
         let lock = lock_run_dir(&cfg.run_dir)?;
+        // The run directory is ours: what an earlier, killed switch was
+        // writing when it died is garbage.
+        crate::config::remove_stale_temporaries(&cfg.run_dir.join(STATE_FILE));
         let saved = SwitchState::load(&cfg.run_dir.join(STATE_FILE))?;
         let from_saved = saved.is_some();
         let state = saved.or(cfg.initial).unwrap_or_default();

@@ -24,7 +24,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::dataplane::{
-    Dataplane, DataplaneError, FdbFlush, PortSettings, MAX_FRAME_LEN, MAX_PORTS, MAX_QUEUE_PAIRS,
+    Dataplane, DataplaneError, PortSettings, MAX_FRAME_LEN, MAX_PORTS, MAX_QUEUE_PAIRS,
 };
 use crate::events::EventBus;
 use crate::fdb::PortIdx;
@@ -260,8 +260,6 @@ pub struct SessionStatus {
     connections: AtomicU64,
     /// A clone of the current connection, so that removal can cut it.
     conn: Mutex<Option<UnixStream>>,
-    /// The protocol state of the current connection, for live changes.
-    backend: Mutex<Option<Arc<Mutex<NetBackend>>>>,
 }
 
 impl SessionStatus {
@@ -270,9 +268,6 @@ impl SessionStatus {
     }
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
-    }
-    fn backend(&self) -> Option<Arc<Mutex<NetBackend>>> {
-        self.backend.lock().ok().and_then(|b| b.clone())
     }
     fn cut(&self) {
         if let Ok(conn) = self.conn.lock() {
@@ -492,7 +487,7 @@ impl Session {
             Ok(w) => w,
             Err(e) => {
                 log::error!("port {}: {e}", self.name);
-                let _ = self.dp.detach(self.idx, FdbFlush::Learnt);
+                let _ = self.dp.detach(self.idx);
                 return true;
             }
         };
@@ -509,11 +504,14 @@ impl Session {
             self.idx,
             self.dp.clone(),
             self.queue_pairs,
-            self.stats.clone(),
-            self.settings.clone(),
         )));
-        if let Ok(mut b) = self.status.backend.lock() {
-            *b = Some(backend.clone());
+        // A move while the port was being attached went to the old worker's
+        // absence: put the port where it is configured to be now.
+        let now = self.worker.load(Ordering::Relaxed);
+        if now != worker {
+            if let Err(e) = self.dp.move_port(self.idx, now) {
+                log::error!("port {}: cannot move to worker {now}: {e}", self.name);
+            }
         }
         let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
         let mut stopping = false;
@@ -550,11 +548,8 @@ impl Session {
             }
         }
         drop(handler);
-        if let Ok(mut b) = self.status.backend.lock() {
-            *b = None;
-        }
         drop(backend);
-        if let Err(e) = self.dp.detach(self.idx, FdbFlush::Learnt) {
+        if let Err(e) = self.dp.detach(self.idx) {
             log::error!("port {}: detach failed: {e}", self.name);
         }
         if let Ok(mut c) = self.status.conn.lock() {
@@ -573,18 +568,34 @@ fn start_session(
     events: &Arc<EventBus>,
     port: &mut Port,
 ) -> Result<(), PortError> {
-    let endpoint = match port.spec.mode {
+    let endpoint = prepare_endpoint(&port.spec)?;
+    spawn_session(dp, events, port, endpoint)
+}
+
+/// Bind a server-mode socket (with its owner and permissions), or note
+/// where a client-mode port connects.
+fn prepare_endpoint(spec: &PortSpec) -> Result<Endpoint, PortError> {
+    match spec.mode {
         PortMode::Server => {
-            let access = port.spec.socket_access()?;
-            let listener = bind_socket(&port.spec.socket)?;
-            if let Err(e) = access.apply(&port.spec.socket) {
-                let _ = std::fs::remove_file(&port.spec.socket);
+            let access = spec.socket_access()?;
+            let listener = bind_socket(&spec.socket)?;
+            if let Err(e) = access.apply(&spec.socket) {
+                let _ = std::fs::remove_file(&spec.socket);
                 return Err(e);
             }
-            Endpoint::Listen(listener)
+            Ok(Endpoint::Listen(listener))
         }
-        PortMode::Client => Endpoint::Connect(port.spec.socket.clone()),
-    };
+        PortMode::Client => Ok(Endpoint::Connect(spec.socket.clone())),
+    }
+}
+
+/// Start the session thread of a port on a prepared endpoint.
+fn spawn_session(
+    dp: &Arc<Dataplane>,
+    events: &Arc<EventBus>,
+    port: &mut Port,
+    endpoint: Endpoint,
+) -> Result<(), PortError> {
     let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(PortError::Thread)?);
     let session = Session {
         name: port.spec.name.clone(),
@@ -776,14 +787,29 @@ impl PortTable {
         let vlan_changed = spec.vlan != port.spec.vlan;
         let settings = spec.settings();
         let idx = port.idx;
-        if let Some(w) = ch.worker {
-            self.move_port(name, w)?;
-        }
         let Some(port) = self.ports.get_mut(name) else {
             return Err(PortError::NotFound(name.to_string()));
         };
+        // What can fail comes first, and a failure puts everything back.
+        let old_settings = port.settings.lock().map(|s| *s).unwrap_or_default();
         if let Ok(mut s) = port.settings.lock() {
             *s = settings;
+        }
+        if restart {
+            // The new endpoint first: if it cannot be had, the guest stays
+            // connected on the old one and nothing changes.
+            let endpoint = match prepare_endpoint(&spec) {
+                Ok(e) => e,
+                Err(e) => {
+                    if let Ok(mut s) = port.settings.lock() {
+                        *s = old_settings;
+                    }
+                    return Err(e);
+                }
+            };
+            port.shutdown();
+            port.spec = spec.clone();
+            spawn_session(&self.dp, &self.events, port, endpoint)?;
         }
         match self.dp.set_settings(idx, settings) {
             Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
@@ -792,22 +818,21 @@ impl PortTable {
         if vlan_changed {
             self.dp.fdb().flush_port(idx, false);
         }
-        if restart {
-            let old = std::mem::replace(&mut port.spec, spec);
-            port.shutdown();
-            if let Err(e) = start_session(&self.dp, &self.events, port) {
-                port.spec = old;
-                let _ = start_session(&self.dp, &self.events, port);
-                return Err(e);
-            }
-        } else {
-            port.spec = spec;
+        if let Some(port) = self.ports.get_mut(name) {
+            port.spec = PortSpec {
+                worker: port.spec.worker,
+                ..spec
+            };
         }
+        if let Some(w) = ch.worker {
+            self.move_port(name, w)?;
+        }
+        let port = self.get(name)?;
         Ok(Self::info(port))
     }
 
-    /// Move a port to another worker. A connected port's rings stop on the
-    /// old worker and resume on the new one where they left off.
+    /// Move a port to another worker. A connected port is handed over
+    /// between two batches, rings and all (see [`Dataplane::move_port`]).
     pub fn move_port(&mut self, name: &str, worker: usize) -> Result<(), PortError> {
         let worker = self.check_worker(worker)?;
         let port = self
@@ -819,9 +844,10 @@ impl PortTable {
         }
         port.worker.store(worker, Ordering::Relaxed);
         port.spec.worker = Some(worker);
-        if let Some(b) = port.status.backend() {
-            let mut b = b.lock().unwrap_or_else(|p| p.into_inner());
-            b.move_to(worker)?;
+        match self.dp.move_port(port.idx, worker) {
+            // Not connected: it attaches to the new worker when it connects.
+            Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
+            Err(e) => return Err(e.into()),
         }
         log::info!("port {name} moved to worker {worker}");
         Ok(())

@@ -15,7 +15,7 @@
 
 use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -33,12 +33,9 @@ use virtio_bindings::virtio_net::{VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::dataplane::{
-    Dataplane, DataplaneError, FdbFlush, NetFeatures, PortSettings, QueueSetup, MAX_QUEUE_PAIRS,
-};
+use crate::dataplane::{Dataplane, DataplaneError, NetFeatures, QueueSetup, MAX_QUEUE_PAIRS};
 use crate::fdb::PortIdx;
 use crate::mem::{GuestMemory, RegionSpec, MAX_REGIONS};
-use crate::stats::PortStats;
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
 /// The virtio features a net port offers.
@@ -85,12 +82,12 @@ pub struct NetBackend {
     idx: PortIdx,
     dp: Arc<Dataplane>,
     queue_pairs: u16,
-    stats: Arc<PortStats>,
-    settings: Arc<Mutex<PortSettings>>,
     acked_features: u64,
-    net_features: Option<NetFeatures>,
     protocol_features: u64,
     mem: Option<Arc<GuestMemory>>,
+    /// How many times each region was added: QEMU 7.2 adds (and removes)
+    /// the same region once per queue pair.
+    region_refs: Vec<(RegionSpec, u32)>,
     queues: Vec<QueueState>,
 }
 
@@ -112,26 +109,17 @@ fn eventfd_from(file: File) -> EventFd {
 
 impl NetBackend {
     /// State for a fresh connection to port `idx`.
-    pub fn new(
-        name: &str,
-        idx: PortIdx,
-        dp: Arc<Dataplane>,
-        queue_pairs: u16,
-        stats: Arc<PortStats>,
-        settings: Arc<Mutex<PortSettings>>,
-    ) -> Self {
+    pub fn new(name: &str, idx: PortIdx, dp: Arc<Dataplane>, queue_pairs: u16) -> Self {
         let queue_pairs = queue_pairs.clamp(1, MAX_QUEUE_PAIRS as u16);
         NetBackend {
             name: name.to_string(),
             idx,
             dp,
             queue_pairs,
-            stats,
-            settings,
             acked_features: 0,
-            net_features: None,
             protocol_features: 0,
             mem: None,
+            region_refs: Vec::new(),
             queues: (0..2 * queue_pairs)
                 .map(|_| QueueState::default())
                 .collect(),
@@ -230,41 +218,6 @@ impl NetBackend {
         Ok(())
     }
 
-    /// Move the connection's rings to another worker: stop them where they
-    /// are, re-create the port there with the same features and memory, and
-    /// restart them from the same ring positions. Frames the guest queued
-    /// meanwhile wait in its rings.
-    pub fn move_to(&mut self, worker: usize) -> Result<(), DataplaneError> {
-        let started: Vec<usize> = (0..self.queues.len())
-            .filter(|i| self.queues[*i].started)
-            .collect();
-        for &i in &started {
-            if let Some(next) = self.dp.stop_queue(self.idx, i as u16)? {
-                self.queues[i].base = next;
-            }
-            self.queues[i].started = false;
-        }
-        self.dp.detach(self.idx, FdbFlush::Keep)?;
-        let settings = self.settings.lock().map(|s| *s).unwrap_or_default();
-        self.dp
-            .attach(self.idx, worker, self.stats.clone(), settings)?;
-        if let Some(nf) = self.net_features {
-            self.dp.set_features(self.idx, nf)?;
-        }
-        if let Some(mem) = &self.mem {
-            self.dp.set_memory(self.idx, mem.clone())?;
-        }
-        for i in started {
-            if self.try_start(i).is_err() {
-                log::error!(
-                    "port {}: queue {i} did not restart on worker {worker}",
-                    self.name
-                );
-            }
-        }
-        Ok(())
-    }
-
     fn install_memory(&mut self, mem: GuestMemory) -> VhostResult<()> {
         log::debug!("port {}: memory table {mem:?}", self.name);
         let mem = Arc::new(mem);
@@ -319,7 +272,6 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             notify_on_empty: features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY) != 0,
         };
         self.dp.set_features(self.idx, nf).map_err(dp_err)?;
-        self.net_features = Some(nf);
         // Without protocol features, rings are enabled as soon as they start.
         for i in 0..self.queues.len() {
             let _ = self.try_start(i);
@@ -333,7 +285,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
-        let regions = ctx
+        let regions: Vec<(RegionSpec, File)> = ctx
             .iter()
             .zip(files)
             .map(|(r, f)| {
@@ -348,11 +300,13 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
                 )
             })
             .collect();
+        let specs: Vec<RegionSpec> = regions.iter().map(|(s, _)| *s).collect();
         let mem = GuestMemory::from_table(regions).map_err(|e| {
             log::warn!("port {}: bad memory table: {e}", self.name);
             VhostError::InvalidParam
         })?;
         self.install_memory(mem)?;
+        self.region_refs = specs.into_iter().map(|s| (s, 1)).collect();
         Ok(None)
     }
 
@@ -545,6 +499,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             user_addr: region.user_addr,
             mmap_offset: region.mmap_offset,
         };
+        if let Some((_, refs)) = self.region_refs.iter_mut().find(|(s, _)| *s == spec) {
+            // The same region again: nothing to map.
+            *refs += 1;
+            return Ok(None);
+        }
         let base = self
             .mem
             .clone()
@@ -554,19 +513,35 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             VhostError::InvalidParam
         })?;
         self.install_memory(mem)?;
+        self.region_refs.push((spec, 1));
         Ok(None)
     }
 
     fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
-        let Some(base) = self.mem.clone() else {
-            return Err(VhostError::InvalidParam);
+        let (gpa, size) = (region.guest_phys_addr, region.memory_size);
+        let Some(pos) = self
+            .region_refs
+            .iter()
+            .position(|(s, _)| s.guest_phys_addr == gpa && s.size == size)
+        else {
+            log::warn!(
+                "port {}: REM_MEM_REG of a region that is not mapped ({gpa:#x}+{size:#x}); ignored",
+                self.name
+            );
+            return Ok(());
         };
-        let mem = base
-            .without_region(region.guest_phys_addr, region.memory_size)
-            .map_err(|e| {
-                log::warn!("port {}: cannot remove memory region: {e}", self.name);
-                VhostError::InvalidParam
-            })?;
+        self.region_refs[pos].1 -= 1;
+        if self.region_refs[pos].1 > 0 {
+            return Ok(());
+        }
+        self.region_refs.swap_remove(pos);
+        let Some(base) = self.mem.clone() else {
+            return Ok(());
+        };
+        let mem = base.without_region(gpa, size).map_err(|e| {
+            log::warn!("port {}: cannot remove memory region: {e}", self.name);
+            VhostError::InvalidParam
+        })?;
         self.install_memory(mem)
     }
 

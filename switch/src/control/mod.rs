@@ -83,6 +83,15 @@ fn handle_request(sw: &Switch, line: &[u8]) -> Outcome {
     };
     if req.get("cmd").and_then(Value::as_str) == Some("events.subscribe") {
         let id = req.get("id").cloned().unwrap_or(Value::Null);
+        let no_args = match req.get("args") {
+            None | Some(Value::Null) => true,
+            Some(Value::Object(m)) => m.is_empty(),
+            Some(_) => false,
+        };
+        if !no_args {
+            let e = ControlError::new("invalid_argument", "events.subscribe takes no arguments");
+            return Outcome::Answer(error_answer(id, &e));
+        }
         return Outcome::Subscribe(json!({ "id": id, "ok": true, "result": {} }));
     }
     Outcome::Answer(answer(sw, req))
@@ -268,6 +277,14 @@ fn serve_client(sw: &Switch, mut conn: UnixStream) {
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
             let line = &line[..line.len() - 1];
+            if line.len() > MAX_LINE {
+                let e = ControlError::new(
+                    "line_too_long",
+                    format!("a request line may hold at most {MAX_LINE} bytes"),
+                );
+                let _ = writeln!(conn, "{}", error_answer(Value::Null, &e));
+                return;
+            }
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }

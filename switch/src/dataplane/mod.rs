@@ -34,7 +34,7 @@ pub const MAX_FRAME_LEN: usize = 16 * 1024;
 /// Most chains a worker takes from one ring per visit (`--batch`).
 pub const MAX_BATCH: usize = 64;
 /// Frames queued to one worker from the others.
-const MAILBOX_DEPTH: usize = 1024;
+pub(crate) const MAILBOX_DEPTH: usize = 1024;
 /// Owner value of a port that no worker serves.
 const NO_WORKER: u16 = u16::MAX;
 /// How long a control-path caller waits for a worker's answer before giving up.
@@ -107,17 +107,8 @@ impl PortSettings {
     }
 }
 
-/// Which FDB entries of a port go when it is detached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FdbFlush {
-    /// None (the port is moving to another worker).
-    Keep,
-    /// The learnt ones (the guest went away).
-    Learnt,
-}
-
 /// A request to a worker.
-pub(crate) enum Command {
+enum Command {
     Attach {
         idx: PortIdx,
         stats: Arc<PortStats>,
@@ -158,6 +149,21 @@ pub(crate) enum Command {
     Settings {
         idx: PortIdx,
         settings: PortSettings,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    /// Hand the port, rings and all, to the caller (to move it).
+    Release {
+        idx: PortIdx,
+        reply: Sender<Result<Box<net::NetPort>, DataplaneError>>,
+    },
+    /// Answer once between two batches: after it, the worker acts on what
+    /// the shared state said when the barrier was sent.
+    Barrier {
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    /// Take over a port another worker released.
+    Adopt {
+        port: Box<net::NetPort>,
         reply: Sender<Result<(), DataplaneError>>,
     },
     Shutdown,
@@ -244,6 +250,9 @@ struct WorkerHandle {
 pub struct Dataplane {
     shared: Arc<Shared>,
     workers: Vec<WorkerHandle>,
+    /// Serialises control operations, so that a port's owner cannot change
+    /// between looking it up and the worker acting on it.
+    ctl: std::sync::Mutex<()>,
 }
 
 impl Dataplane {
@@ -288,7 +297,11 @@ impl Dataplane {
                 thread: Some(thread),
             });
         }
-        Ok(Dataplane { shared, workers })
+        Ok(Dataplane {
+            shared,
+            workers,
+            ctl: std::sync::Mutex::new(()),
+        })
     }
 
     /// Number of workers.
@@ -340,6 +353,53 @@ impl Dataplane {
             .ok_or(DataplaneError::NotAttached(idx))
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Send a command to the worker that owns `idx`.
+    fn call_port<T>(
+        &self,
+        idx: PortIdx,
+        make: impl FnOnce(Sender<Result<T, DataplaneError>>) -> Command,
+    ) -> Result<T, DataplaneError> {
+        let _g = self.lock();
+        let w = self.owner_of(idx)?;
+        self.call(w, make)
+    }
+
+    /// Move an attached port to another worker without stopping its rings:
+    /// the old worker hands the port over between two batches and the new
+    /// one takes it up where it was. Frames for it that reach the new worker
+    /// before the port does wait there, so nothing queued is lost.
+    pub fn move_port(&self, idx: PortIdx, worker: usize) -> Result<(), DataplaneError> {
+        if worker >= self.workers.len() {
+            return Err(DataplaneError::NoSuchWorker(worker, self.workers.len()));
+        }
+        let _g = self.lock();
+        let old = self.owner_of(idx)?;
+        if old == worker {
+            return Ok(());
+        }
+        let slot = &self.shared.owner[usize::from(idx)];
+        slot.store(worker as u16, Ordering::Release);
+        // Every frame for the port switched from now on goes to the new
+        // worker (and waits there); the barrier makes sure no worker is still
+        // in a batch that read the old owner. Then the old worker delivers
+        // what it still has for the port, in order, and hands it over.
+        for w in 0..self.workers.len() {
+            self.call(w, |reply| Command::Barrier { reply })?;
+        }
+        let port = match self.call(old, |reply| Command::Release { idx, reply }) {
+            Ok(p) => p,
+            Err(e) => {
+                slot.store(old as u16, Ordering::Release);
+                return Err(e);
+            }
+        };
+        self.call(worker, |reply| Command::Adopt { port, reply })
+    }
+
     /// Give a port to a worker. The port has no rings until queues are started.
     pub fn attach(
         &self,
@@ -351,6 +411,7 @@ impl Dataplane {
         if worker >= self.workers.len() {
             return Err(DataplaneError::NoSuchWorker(worker, self.workers.len()));
         }
+        let _g = self.lock();
         self.call(worker, |reply| Command::Attach {
             idx,
             stats,
@@ -362,22 +423,20 @@ impl Dataplane {
     }
 
     /// Take a port away from its worker. When this returns, the worker no
-    /// longer touches the port's rings or memory, and its FDB entries are
-    /// flushed as `flush` says.
-    pub fn detach(&self, idx: PortIdx, flush: FdbFlush) -> Result<(), DataplaneError> {
+    /// longer touches the port's rings or memory, and its learnt FDB entries
+    /// are gone (static ones stay: they outlive a guest's reconnects).
+    pub fn detach(&self, idx: PortIdx) -> Result<(), DataplaneError> {
+        let _g = self.lock();
         let worker = self.owner_of(idx)?;
         self.shared.owner[usize::from(idx)].store(NO_WORKER, Ordering::Release);
         let res = self.call(worker, |reply| Command::Detach { idx, reply });
-        if flush == FdbFlush::Learnt {
-            self.shared.fdb.flush_port(idx, false);
-        }
+        self.shared.fdb.flush_port(idx, false);
         res
     }
 
     /// Tell the worker the negotiated features.
     pub fn set_features(&self, idx: PortIdx, features: NetFeatures) -> Result<(), DataplaneError> {
-        let w = self.owner_of(idx)?;
-        self.call(w, |reply| Command::Features {
+        self.call_port(idx, |reply| Command::Features {
             idx,
             features,
             reply,
@@ -386,8 +445,7 @@ impl Dataplane {
 
     /// Swap the port's guest memory; returns once no copy uses the old one.
     pub fn set_memory(&self, idx: PortIdx, mem: Arc<GuestMemory>) -> Result<(), DataplaneError> {
-        let w = self.owner_of(idx)?;
-        self.call(w, |reply| Command::Memory { idx, mem, reply })
+        self.call_port(idx, |reply| Command::Memory { idx, mem, reply })
     }
 
     /// Start polling (TX) or filling (RX) a ring.
@@ -397,8 +455,7 @@ impl Dataplane {
         queue: u16,
         setup: QueueSetup,
     ) -> Result<(), DataplaneError> {
-        let w = self.owner_of(idx)?;
-        self.call(w, |reply| Command::StartQueue {
+        self.call_port(idx, |reply| Command::StartQueue {
             idx,
             queue,
             setup,
@@ -408,8 +465,7 @@ impl Dataplane {
 
     /// Stop a ring; returns its next avail index if it was running.
     pub fn stop_queue(&self, idx: PortIdx, queue: u16) -> Result<Option<u16>, DataplaneError> {
-        let w = self.owner_of(idx)?;
-        self.call(w, |reply| Command::StopQueue { idx, queue, reply })
+        self.call_port(idx, |reply| Command::StopQueue { idx, queue, reply })
     }
 
     /// Replace a running ring's call eventfd.
@@ -419,8 +475,7 @@ impl Dataplane {
         queue: u16,
         call: Option<EventFd>,
     ) -> Result<(), DataplaneError> {
-        let w = self.owner_of(idx)?;
-        self.call(w, |reply| Command::SetCall {
+        self.call_port(idx, |reply| Command::SetCall {
             idx,
             queue,
             call,
@@ -430,8 +485,7 @@ impl Dataplane {
 
     /// Change a port's settings.
     pub fn set_settings(&self, idx: PortIdx, settings: PortSettings) -> Result<(), DataplaneError> {
-        let w = self.owner_of(idx)?;
-        self.call(w, |reply| Command::Settings {
+        self.call_port(idx, |reply| Command::Settings {
             idx,
             settings,
             reply,

@@ -514,7 +514,9 @@ fn forward(
             }
         }
         _ => match ctx.shared.owner(dst) {
-            Some(w) if w != ctx.worker => {
+            // Another worker's port, or one on its way to this worker (it
+            // waits in this worker's mailbox until the port arrives).
+            Some(w) => {
                 if let Err(why) = send_remote(w, f, dst, ctx) {
                     ports[src_pos].stats.count_drop(why);
                 }
@@ -646,6 +648,11 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
         if let Err(why) = deliver(ports, pos, f, ctx) {
             ports[pos].stats.count_drop(why);
         }
+        return;
+    }
+    // The port moved on: pass the frame to its worker now.
+    if let Some(w) = ctx.shared.owner(frame.dst).filter(|w| *w != ctx.worker) {
+        let _ = send_remote(w, f, frame.dst, ctx);
     }
 }
 

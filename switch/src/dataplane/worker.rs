@@ -57,6 +57,8 @@ pub(crate) struct Worker {
     epoll: Epoll,
     scratch: Box<Scratch>,
     dirty: Vec<u16>,
+    /// Frames for a port moving to this worker that came before the port.
+    parked: std::collections::VecDeque<super::Frame>,
 }
 
 impl Worker {
@@ -91,6 +93,7 @@ impl Worker {
             epoll,
             scratch: Scratch::new(),
             dirty: Vec::with_capacity(MAX_PORTS),
+            parked: std::collections::VecDeque::with_capacity(super::MAILBOX_DEPTH),
         })
     }
 
@@ -150,14 +153,14 @@ impl Worker {
                 }
             }
         }
-        let mb = &self.shared.mailboxes[self.id];
-        for _ in 0..MAILBOX_BATCH {
-            let Some(frame) = mb.frames.pop() else { break };
-            net::deliver_remote(&mut self.ports, &frame, &mut ctx);
-            let _ = mb.pool.push(frame.buf);
-            work += 1;
-        }
-        let mut wake = ctx.remote_wake;
+        work += mailbox_pass(&mut self.ports, &mut self.parked, &mut ctx, MAILBOX_BATCH);
+        let wake = ctx.remote_wake;
+        self.flush(wake);
+        work
+    }
+
+    /// Publish the RX used entries written and wake the workers sent frames.
+    fn flush(&mut self, mut wake: u64) {
         for pos in self.dirty.drain(..) {
             self.ports[usize::from(pos)].publish_rx();
         }
@@ -166,7 +169,23 @@ impl Worker {
             wake &= wake - 1;
             self.shared.mailboxes[w].wake();
         }
-        work
+    }
+
+    /// Deliver everything in the mailbox now (before a port leaves).
+    fn drain_mailbox(&mut self) {
+        let mut ctx = Ctx {
+            shared: &self.shared,
+            local: &self.local,
+            scratch: &mut self.scratch,
+            worker: self.id,
+            now_ms: self.shared.now_ms(),
+            batch: self.config.batch,
+            dirty: &mut self.dirty,
+            remote_wake: 0,
+        };
+        mailbox_pass(&mut self.ports, &mut self.parked, &mut ctx, usize::MAX);
+        let wake = ctx.remote_wake;
+        self.flush(wake);
     }
 
     /// Re-enable guest notifications and sleep until a kick, a frame from
@@ -347,6 +366,23 @@ impl Worker {
                 });
                 let _ = reply.send(res);
             }
+            Command::Release { idx, reply } => {
+                self.drain_mailbox();
+                let res = self.port_pos(idx).map(|pos| self.release_port(pos));
+                let _ = reply.send(res);
+            }
+            Command::Barrier { reply } => {
+                let _ = reply.send(Ok(()));
+            }
+            Command::Adopt { port, reply } => {
+                // Before the next poll: deliver the frames that waited here
+                // for the port, and those it sent from its old worker to
+                // ports here (all in the mailbox by now), so that its flows
+                // stay in order both ways.
+                let res = self.adopt_port(port);
+                self.drain_mailbox();
+                let _ = reply.send(res);
+            }
             Command::Settings {
                 idx,
                 settings,
@@ -426,6 +462,46 @@ impl Worker {
         Some(ring.next_avail())
     }
 
+    /// Take a port out, rings running, to hand it to another worker.
+    fn release_port(&mut self, pos: usize) -> Box<NetPort> {
+        let p = &mut self.ports[pos];
+        p.publish_rx();
+        for kick in p.kicks.iter().flatten() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                std::os::fd::AsRawFd::as_raw_fd(kick),
+                EpollEvent::default(),
+            );
+        }
+        let port = self.ports.swap_remove(pos);
+        self.local[usize::from(port.idx)] = NOT_LOCAL;
+        if let Some(moved) = self.ports.get(pos) {
+            self.local[usize::from(moved.idx)] = pos as u16;
+        }
+        self.dirty.clear();
+        Box::new(port)
+    }
+
+    /// Take over a port another worker released.
+    fn adopt_port(&mut self, port: Box<NetPort>) -> Result<(), DataplaneError> {
+        let idx = port.idx;
+        if self.port_pos(idx).is_ok() {
+            return Ok(());
+        }
+        for (q, kick) in port.kicks.iter().enumerate() {
+            if let Some(k) = kick {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(k),
+                    EpollEvent::new(EventSet::IN, kick_token(idx, q)),
+                )?;
+            }
+        }
+        self.local[usize::from(idx)] = self.ports.len() as u16;
+        self.ports.push(*port);
+        Ok(())
+    }
+
     fn remove_port(&mut self, pos: usize) {
         for q in 0..2 * MAX_QUEUE_PAIRS {
             self.stop_queue(pos, q);
@@ -438,4 +514,50 @@ impl Worker {
         // Positions changed: nothing may stay queued for publishing.
         self.dirty.clear();
     }
+}
+
+/// Deliver up to `limit` frames from this worker's mailbox, and those parked
+/// for a port that has arrived since. A frame for a port on its way to this
+/// worker waits (parked) until the port comes; one for a port now served by
+/// another worker is passed on to it. Returns the frames taken.
+fn mailbox_pass(
+    ports: &mut [NetPort],
+    parked: &mut std::collections::VecDeque<super::Frame>,
+    ctx: &mut Ctx<'_>,
+    limit: usize,
+) -> usize {
+    let shared = ctx.shared;
+    let me = ctx.worker;
+    let mb = &shared.mailboxes[me];
+    let local = |ctx: &Ctx<'_>, idx: PortIdx| {
+        ctx.local
+            .get(usize::from(idx))
+            .is_some_and(|p| *p != NOT_LOCAL)
+    };
+    for _ in 0..parked.len() {
+        let Some(frame) = parked.pop_front() else {
+            break;
+        };
+        if !local(ctx, frame.dst) && shared.owner(frame.dst) == Some(me) {
+            parked.push_back(frame);
+            continue;
+        }
+        net::deliver_remote(ports, &frame, ctx);
+        let _ = mb.pool.push(frame.buf);
+    }
+    let mut taken = 0;
+    while taken < limit {
+        let Some(frame) = mb.frames.pop() else { break };
+        taken += 1;
+        let waiting_for_port = frame.dst != super::FLOOD
+            && !local(ctx, frame.dst)
+            && shared.owner(frame.dst) == Some(me);
+        if waiting_for_port && parked.len() < parked.capacity() {
+            parked.push_back(frame);
+            continue;
+        }
+        net::deliver_remote(ports, &frame, ctx);
+        let _ = mb.pool.push(frame.buf);
+    }
+    taken
 }
