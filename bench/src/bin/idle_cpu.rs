@@ -56,14 +56,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..SwitchOptions::default()
     })?;
     let pid = sw.pid();
-    println!("vioswitch pid {pid}: {} ports, {} s windows", args.ports, args.seconds);
-    println!("no guest:           {:6.2} % of one core", measure(pid, args.seconds));
+    println!(
+        "vioswitch pid {pid}: {} ports, {} s windows",
+        args.ports, args.seconds
+    );
+    println!(
+        "no guest:           {:6.2} % of one core",
+        measure(pid, args.seconds)
+    );
     let mut guests = Vec::new();
     for i in 0..args.ports {
         let sock = sw.add_port(&format!("p{i}"))?;
         guests.push(NetGuest::connect(&sock, NetGuestConfig::default())?);
     }
-    println!("{} idle guests:    {:6.2} % of one core", args.ports, measure(pid, args.seconds));
+    println!(
+        "{} idle guests:    {:6.2} % of one core",
+        args.ports,
+        measure(pid, args.seconds)
+    );
     // A burst through every port, then idle again.
     let frame = eth_frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 1], 0x0800, &[0u8; 46]);
     for _ in 0..100 {
@@ -77,6 +87,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for g in guests.iter_mut() {
         while g.try_recv().is_some() {}
     }
-    println!("idle after traffic: {:6.2} % of one core", measure(pid, args.seconds));
+    println!(
+        "idle after traffic: {:6.2} % of one core",
+        measure(pid, args.seconds)
+    );
     Ok(())
 }
