@@ -339,10 +339,18 @@ fn call(sock: &PathBuf, cmd: &str, args: Value) -> Result<Value, Unreachable> {
     let mut s = UnixStream::connect(sock).map_err(|e| Unreachable::Connect(sock.clone(), e))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
     let req = json!({ "id": 1, "cmd": cmd, "args": args });
-    writeln!(s, "{req}")?;
+    // The switch may answer and close before reading (a refused peer): read
+    // its answer even if the request could not be written whole.
+    let sent = writeln!(s, "{req}");
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    Ok(serde_json::from_str(&line)?)
+    match BufReader::new(s).read_line(&mut line) {
+        Ok(n) if n > 0 => Ok(serde_json::from_str(&line)?),
+        Ok(_) => Err(sent.err().map_or_else(
+            || Unreachable::Io(std::io::ErrorKind::UnexpectedEof.into()),
+            Unreachable::Io,
+        )),
+        Err(e) => Err(Unreachable::Io(e)),
+    }
 }
 
 fn cell(v: &Value) -> String {
