@@ -171,7 +171,8 @@ impl Worker {
         }
     }
 
-    /// Deliver everything in the mailbox now (before a port leaves).
+    /// Deliver what the mailbox holds now (before a port leaves or after one
+    /// arrives).
     fn drain_mailbox(&mut self) {
         let mut ctx = Ctx {
             shared: &self.shared,
@@ -183,7 +184,10 @@ impl Worker {
             dirty: &mut self.dirty,
             remote_wake: 0,
         };
-        mailbox_pass(&mut self.ports, &mut self.parked, &mut ctx, usize::MAX);
+        // What is queued now; frames that keep coming wait for the next poll
+        // (the caller waits for this command, so it must not chase them).
+        let queued = self.shared.mailboxes[self.id].frames.len();
+        mailbox_pass(&mut self.ports, &mut self.parked, &mut ctx, queued);
         let wake = ctx.remote_wake;
         self.flush(wake);
     }
