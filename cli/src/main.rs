@@ -181,9 +181,9 @@ enum ConfigCmd {
         #[arg(long)]
         toml: bool,
     },
-    /// Save it: to the run directory (restored on restart), or as TOML to PATH
-    /// (a path on the switch's host, for `vioswitch --config`).
-    Save { path: Option<PathBuf> },
+    /// Save it: to the run directory's state (restored on restart), or as TOML
+    /// to the file NAME in the run directory (for `vioswitch --config`).
+    Save { name: Option<PathBuf> },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
@@ -301,7 +301,7 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
             "config.show",
             json!({ "format": if *toml { "toml" } else { "json" } }),
         ),
-        Cmd::Config(ConfigCmd::Save { path }) => match path {
+        Cmd::Config(ConfigCmd::Save { name }) => match name {
             Some(p) => ("config.save", json!({ "path": p })),
             None => ("config.save", json!({})),
         },

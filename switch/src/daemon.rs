@@ -379,6 +379,13 @@ impl Switch {
         Ok(())
     }
 
+    /// Write the running configuration as TOML (for `--config`), atomically.
+    pub fn save_toml(&self, path: &Path) -> Result<(), ConfigError> {
+        let _guard = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let text = self.state().to_toml()?;
+        crate::config::write_atomic(path, text.as_bytes())
+    }
+
     /// Disconnect every guest and remove every port socket. The saved state
     /// is kept, so the next start brings the ports back.
     pub fn shutdown(&self) {

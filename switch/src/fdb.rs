@@ -14,7 +14,11 @@
 //!   [`RESERVED`] marks a slot being reclaimed, which lookups treat as a miss;
 //! - two slots may briefly hold the same key (two workers learning it at the
 //!   same instant); lookups and learning both use the first in probe order,
-//!   so the other is never refreshed and ages out.
+//!   so the other is never refreshed and ages out;
+//! - a reader that found its key reads the value, then the key again: a slot
+//!   is rekeyed only through [`RESERVED`], so a value read between two
+//!   matching key reads belongs to that key (and a CAS on it fails if the
+//!   slot is reclaimed afterwards, since reclaiming changes the value).
 //!
 //! Time is milliseconds from an origin the caller chooses (the daemon's start),
 //! passed in so the tests drive it.
@@ -135,11 +139,6 @@ impl Fdb {
         }
     }
 
-    /// Change the ageing time.
-    pub fn set_ageing_ms(&self, ms: u64) {
-        self.ageing_ms.store(ms, Ordering::Relaxed);
-    }
-
     /// The ageing time.
     pub fn ageing_ms(&self) -> u64 {
         self.ageing_ms.load(Ordering::Relaxed)
@@ -168,6 +167,11 @@ impl Fdb {
             }
             if k == key {
                 let v = slot.val.load(Ordering::Acquire);
+                // The slot may have been reclaimed for another key between
+                // the two loads: then `v` is not ours.
+                if slot.key.load(Ordering::Acquire) != key {
+                    return None;
+                }
                 if is_live(v) && !self.expired(v, now_ms) {
                     return Some(val_port(v));
                 }
@@ -209,8 +213,9 @@ impl Fdb {
                 continue;
             }
             let v = slot.val.load(Ordering::Acquire);
-            if v == RESERVED {
-                // Being reclaimed for another key right now: try next packet.
+            if v == RESERVED || slot.key.load(Ordering::Acquire) != key {
+                // Being (or just) reclaimed for another key: `v` is not ours.
+                // Learning again from the next frame is enough.
                 return Learn::Fresh;
             }
             if v & STATIC != 0 && !is_static {

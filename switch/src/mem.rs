@@ -17,6 +17,9 @@ use crate::mem_fault::Registration;
 
 /// Most regions a frontend may register (QEMU uses a handful; `GET_MAX_MEM_SLOTS`).
 pub const MAX_REGIONS: usize = 32;
+/// Most guest memory one port may map (1 TiB): the daemon's address space
+/// is shared by every port.
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
 
 /// Errors building guest memory from a frontend's table.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +30,8 @@ pub enum MemoryError {
     Overlap { a: usize, b: usize },
     #[error("more than {MAX_REGIONS} memory regions")]
     TooManyRegions,
+    #[error("guest memory over {MAX_GUEST_MEMORY} bytes")]
+    TooMuchMemory,
     #[error("cannot map memory region {index} (size {size:#x}, offset {offset:#x}): {source}")]
     Map {
         index: usize,
@@ -71,9 +76,6 @@ struct Region {
     host: *mut u8,
     /// Keeps the mapping alive; `host` points into it.
     _map: Arc<Mapping>,
-    /// The fd the region was mapped from, kept so the table can be rebuilt
-    /// region by region (ADD_MEM_REG / REM_MEM_REG).
-    file: Arc<File>,
 }
 
 /// The guest memory of one port: an immutable set of mapped regions.
@@ -128,6 +130,10 @@ impl GuestMemory {
         if spec.size == 0 || end.is_none() || usize::try_from(spec.size).is_err() {
             return Err(MemoryError::BadRange { index });
         }
+        let mapped: u64 = self.regions.iter().map(|r| r.spec.size).sum();
+        if mapped.saturating_add(spec.size) > MAX_GUEST_MEMORY {
+            return Err(MemoryError::TooMuchMemory);
+        }
         for (i, r) in self.regions.iter().enumerate() {
             let a = &r.spec;
             if spec.guest_phys_addr < a.guest_phys_addr + a.size
@@ -166,14 +172,12 @@ impl GuestMemory {
                 spec: r.spec,
                 host: r.host,
                 _map: r._map.clone(),
-                file: r.file.clone(),
             })
             .collect();
         regions.push(Region {
             spec,
             host,
             _map: Arc::new(map),
-            file,
         });
         Ok(GuestMemory { regions })
     }
@@ -194,7 +198,6 @@ impl GuestMemory {
                 spec: r.spec,
                 host: r.host,
                 _map: r._map.clone(),
-                file: r.file.clone(),
             })
             .collect();
         Ok(GuestMemory { regions })

@@ -102,26 +102,34 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         if start == 0 || addr < start || addr - start >= len {
             continue;
         }
-        let base = addr & !(page - 1);
-        // SAFETY: `base..base+page` lies inside a registered guest mapping
-        // (mappings are page-aligned and their length a whole number of
-        // pages), which is alive: the faulting thread is accessing it through
-        // an `Arc` it holds, and registrations go before their mapping. Only
-        // guest bytes, already lost to the truncation, are replaced; mmap is
-        // a plain system call, safe to make in a signal handler.
-        let r = unsafe {
-            libc::mmap(
-                base as *mut libc::c_void,
-                page,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if r != libc::MAP_FAILED {
-            s.faulted.store(true, Ordering::Relaxed);
-            return;
+        // The mapping's page may be a huge page (hugetlbfs guest memory),
+        // where only a whole, aligned huge page can be replaced: try the
+        // base page size, then 2 MiB, then 1 GiB.
+        for size in [page, 2 << 20, 1 << 30] {
+            let base = addr & !(size - 1);
+            if base < start || base + size > start + len {
+                continue;
+            }
+            // SAFETY: `base..base+size` lies inside a registered guest
+            // mapping (checked just above), which is alive: the faulting
+            // thread is accessing it through an `Arc` it holds, and
+            // registrations go before their mapping. Only guest bytes,
+            // already lost to the truncation, are replaced; mmap is a plain
+            // system call, safe to make in a signal handler.
+            let r = unsafe {
+                libc::mmap(
+                    base as *mut libc::c_void,
+                    size,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            if r != libc::MAP_FAILED {
+                s.faulted.store(true, Ordering::Relaxed);
+                return;
+            }
         }
         break;
     }

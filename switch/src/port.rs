@@ -808,8 +808,17 @@ impl PortTable {
                 }
             };
             port.shutdown();
-            port.spec = spec.clone();
-            spawn_session(&self.dp, &self.events, port, endpoint)?;
+            let previous = std::mem::replace(&mut port.spec, spec.clone());
+            if let Err(e) = spawn_session(&self.dp, &self.events, port, endpoint) {
+                port.spec = previous;
+                if let Ok(mut s) = port.settings.lock() {
+                    *s = old_settings;
+                }
+                if let Err(e2) = start_session(&self.dp, &self.events, port) {
+                    log::error!("port {name}: cannot restart with its old settings either: {e2}");
+                }
+                return Err(e);
+            }
         }
         match self.dp.set_settings(idx, settings) {
             Ok(()) | Err(DataplaneError::NotAttached(_)) => {}

@@ -1,9 +1,9 @@
 //! Per-port and per-worker counters.
 //!
-//! Each counter has one writer, the worker that owns the port, which adds with
-//! a plain load and store (no locked instruction on the hot path); readers
-//! (the control channel) load them with relaxed ordering. The one counter a
-//! foreign worker may bump, [`DropReason::RemoteQueueFull`], is added atomically.
+//! Each counter has one writer, the worker that owns the port (a port moves
+//! between workers only between batches), which adds with a plain load and
+//! store (no locked instruction on the hot path); readers (the control
+//! channel) load them with relaxed ordering.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -109,17 +109,7 @@ impl PortStats {
     /// Count a drop (by the port's own worker).
     #[inline]
     pub fn count_drop(&self, why: DropReason) {
-        if why == DropReason::RemoteQueueFull {
-            self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
-        } else {
-            bump(&self.drops[why as usize], 1);
-        }
-    }
-
-    /// Count a drop from a worker that does not own the port.
-    #[inline]
-    pub fn drop_shared(&self, why: DropReason) {
-        self.drops[why as usize].fetch_add(1, Ordering::Relaxed);
+        bump(&self.drops[why as usize], 1);
     }
 
     /// Mark the port broken (or repaired, on reconnect).
@@ -210,7 +200,7 @@ mod tests {
         s.add_rx(40);
         s.add_tx(10);
         s.count_drop(DropReason::NoRxBuffer);
-        s.drop_shared(DropReason::RemoteQueueFull);
+        s.count_drop(DropReason::RemoteQueueFull);
         let snap = s.snapshot();
         assert_eq!(
             (

@@ -14,7 +14,7 @@
 //! they come; a message naming a queue that does not exist is refused.
 
 use std::fs::File;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
@@ -100,11 +100,28 @@ fn dp_err(e: DataplaneError) -> VhostError {
     VhostError::BackendInternalError
 }
 
-fn eventfd_from(file: File) -> EventFd {
-    // SAFETY: `into_raw_fd` gives up ownership of a valid, open fd, which the
-    // EventFd then owns alone. If it is not an eventfd, reads and writes on it
-    // fail or misbehave only for this guest's notifications.
-    unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+/// Take a kick or call fd from the frontend. It must be an eventfd, and it
+/// is made non-blocking: a worker reading a kick another queue already
+/// cleared, or signalling a call whose counter the guest filled, must never
+/// block (it polls every port it owns).
+fn eventfd_from(file: File) -> VhostResult<EventFd> {
+    let fd = file.as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+    if !info.lines().any(|l| l.starts_with("eventfd-count:")) {
+        log::warn!("frontend passed an fd that is not an eventfd for a kick or call");
+        return Err(VhostError::InvalidParam);
+    }
+    // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is involved.
+    let ok = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(VhostError::InvalidParam);
+    }
+    // SAFETY: `into_raw_fd` gives up ownership of a valid, open eventfd,
+    // which the EventFd then owns alone.
+    Ok(unsafe { EventFd::from_raw_fd(file.into_raw_fd()) })
 }
 
 impl NetBackend {
@@ -141,9 +158,9 @@ impl NetBackend {
 
     /// Start ring `index` in the worker if everything it needs has arrived.
     fn try_start(&mut self, index: usize) -> VhostResult<()> {
-        let Some(mem) = self.mem.clone() else {
+        if self.mem.is_none() {
             return Ok(());
-        };
+        }
         let needs_enable = self.protocol_features_acked();
         let q = &mut self.queues[index];
         log::debug!(
@@ -183,7 +200,6 @@ impl NetBackend {
             kick,
             call,
         };
-        let _ = mem;
         match self.dp.start_queue(self.idx, index as u16, setup) {
             Ok(()) => {
                 self.queues[index].started = true;
@@ -361,7 +377,12 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             ))));
         }
         let i = index as usize;
-        self.stop(i)?;
+        if let Err(e) = self.stop(i) {
+            // No reply could tell the frontend; hang up rather than leave it waiting.
+            return Err(VhostError::SocketBroken(std::io::Error::other(format!(
+                "cannot stop queue {index}: {e}"
+            ))));
+        }
         let q = &mut self.queues[i];
         // The ring is stopped: it restarts on the next kick.
         q.kick = None;
@@ -377,8 +398,9 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
             self.name,
             fd.is_some()
         );
+        let kick = fd.map(eventfd_from).transpose()?;
         let q = self.queue(u32::from(index))?;
-        q.kick = fd.map(eventfd_from);
+        q.kick = kick;
         q.kick_set = true;
         if q.started {
             // A new kick for a running ring: restart it with the new fd.
@@ -389,8 +411,9 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let idx = self.idx;
+        let call = fd.map(eventfd_from).transpose()?;
         let q = self.queue(u32::from(index))?;
-        q.call = fd.map(eventfd_from);
+        q.call = call;
         if q.started {
             let call = match &q.call {
                 Some(c) => Some(c.try_clone().map_err(VhostError::SocketError)?),

@@ -233,6 +233,17 @@ impl Vring {
         let used = mem
             .translate_user(a.used, 6 + 8 * n)
             .ok_or(RingSetupError::OutOfMemory("used"))?;
+        // The frontend's addresses were aligned; the host pointers must be
+        // too (a region's user_addr is the frontend's word, not checked).
+        if (desc as usize) % 16 != 0 {
+            return Err(RingSetupError::Misaligned("descriptor"));
+        }
+        if (avail as usize) % 2 != 0 {
+            return Err(RingSetupError::Misaligned("avail"));
+        }
+        if (used as usize) % 4 != 0 {
+            return Err(RingSetupError::Misaligned("used"));
+        }
         self.desc = desc;
         self.avail = avail;
         self.used = used;
@@ -244,12 +255,6 @@ impl Vring {
     #[inline]
     pub fn size(&self) -> u16 {
         self.size
-    }
-
-    /// The memory this ring's descriptors point into.
-    #[inline]
-    pub fn mem(&self) -> &GuestMemory {
-        &self.mem
     }
 
     /// Next avail index to consume: what `GET_VRING_BASE` reports once stopped.
@@ -353,7 +358,8 @@ impl Vring {
     #[inline]
     fn read_desc(&self, index: u16) -> (u64, u32, u16, u16) {
         // SAFETY: index < size (callers check), so the 16 bytes at desc+16*index
-        // are inside the descriptor table; unaligned-safe volatile reads of a
+        // are inside the descriptor table, and `desc` is 16-aligned (checked
+        // in `remap`), so each field is naturally aligned; volatile reads of a
         // guest-shared table.
         unsafe {
             let p = self.desc.add(16 * usize::from(index));
@@ -437,12 +443,6 @@ impl Vring {
         self.next_used = self.next_used.wrapping_add(1);
     }
 
-    /// Number of used entries written but not yet published.
-    #[inline]
-    pub fn unpublished(&self) -> u16 {
-        self.next_used.wrapping_sub(self.published_used)
-    }
-
     /// Publish the used entries written so far and signal the guest if it
     /// asked for it. Returns whether it was signalled.
     #[inline]
@@ -475,11 +475,8 @@ impl Vring {
             let event = u16::from_le(unsafe {
                 std::ptr::read_volatile(self.avail.add(4 + 2 * usize::from(self.size)) as *const u16)
             });
-            if new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old) {
-                self.signalled_used = new;
-                return true;
-            }
-            false
+            self.signalled_used = new;
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
             // SAFETY: avail.flags is the first u16 of the avail ring.
             let flags = u16::from_le(unsafe { std::ptr::read_volatile(self.avail as *const u16) });
@@ -715,6 +712,31 @@ mod tests {
         assert_eq!(call.read().unwrap(), 1);
         r.push_used(2, 0);
         assert!(!r.publish_used(), "used_event passed already");
+    }
+
+    #[test]
+    fn rejects_rings_whose_host_pointers_are_misaligned() {
+        // The frontend's addresses are aligned, but its region's user_addr
+        // is odd, so the host pointers would not be.
+        let mem = GuestMemory::from_table(vec![(
+            RegionSpec {
+                guest_phys_addr: GPA,
+                size: 0x10000,
+                user_addr: UVA + 1,
+                mmap_offset: 0,
+            },
+            memfd(0x10000),
+        )])
+        .unwrap();
+        let addrs = RingAddrs {
+            desc: UVA + 0x10,
+            avail: UVA + 0x1000,
+            used: UVA + 0x2000,
+        };
+        assert!(matches!(
+            Vring::new(Arc::new(mem), SIZE, addrs, 0, true, None),
+            Err(RingSetupError::Misaligned(_))
+        ));
     }
 
     #[test]

@@ -479,7 +479,17 @@ fn every_bad_request_gets_its_error_code_and_changes_nothing() {
         ("config.show", json!({"format": 1}), "invalid_argument"),
         (
             "config.save",
-            json!({"path": "relative.toml"}),
+            json!({"path": "/tmp/outside.toml"}),
+            "invalid_argument",
+        ),
+        (
+            "config.save",
+            json!({"path": "../outside.toml"}),
+            "invalid_argument",
+        ),
+        (
+            "config.save",
+            json!({"path": ".hidden.toml"}),
             "invalid_argument",
         ),
         ("config.save", json!({"path": 1}), "invalid_argument"),

@@ -272,9 +272,10 @@ vlan = 5
         .as_str()
         .expect("toml text")
         .to_string();
+    // A file name: saved in the run directory (the daemon writes nowhere else).
     let saved = dir.join("saved.toml");
     let r = sw
-        .call("config.save", json!({"path": saved}))
+        .call("config.save", json!({"path": "saved.toml"}))
         .expect("config.save path");
     assert_eq!(r["path"], saved.to_str().unwrap());
     assert_eq!(std::fs::read_to_string(&saved).unwrap(), shown);

@@ -388,15 +388,22 @@ fn config_save(sw: &Switch, a: ConfigSaveArgs) -> Result<Value, ControlError> {
             sw.save()?;
             Ok(json!({ "path": sw.run_dir().join(crate::config::STATE_FILE) }))
         }
-        Some(path) => {
-            if !path.is_absolute() {
+        Some(name) => {
+            // A file name in the run directory: the daemon may run as root,
+            // and the control group must not make it write anywhere else.
+            let plain = name.components().count() == 1
+                && matches!(
+                    name.components().next(),
+                    Some(std::path::Component::Normal(_))
+                );
+            if !plain || name.to_string_lossy().starts_with('.') {
                 return Err(ControlError::new(
                     "invalid_argument",
-                    "the path must be absolute (it is the daemon's, not the client's)",
+                    "path is a file name, saved in the run directory (e.g. \"vioswitch.toml\")",
                 ));
             }
-            let text = sw.state().to_toml()?;
-            crate::config::write_atomic(&path, text.as_bytes())?;
+            let path = sw.run_dir().join(name);
+            sw.save_toml(&path)?;
             Ok(json!({ "path": path }))
         }
     }

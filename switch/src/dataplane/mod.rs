@@ -370,8 +370,12 @@ impl Dataplane {
 
     /// Move an attached port to another worker without stopping its rings:
     /// the old worker hands the port over between two batches and the new
-    /// one takes it up where it was. Frames for it that reach the new worker
-    /// before the port does wait there, so nothing queued is lost.
+    /// one takes it up where it was. Unicast frames for it that reach the new
+    /// worker before the port does wait there (up to the mailbox depth), so
+    /// unicast flows lose nothing and stay in order both ways. A broadcast
+    /// in flight during the move may reach the port twice (from the old
+    /// worker's drain and the new worker's copy) or, past the parking
+    /// limit, not at all.
     pub fn move_port(&self, idx: PortIdx, worker: usize) -> Result<(), DataplaneError> {
         if worker >= self.workers.len() {
             return Err(DataplaneError::NoSuchWorker(worker, self.workers.len()));

@@ -181,8 +181,12 @@ impl<'a> Cursor<'a> {
             let t = (s.len - self.off).min(n);
             // SAFETY: the caller guarantees both ranges; `std::ptr::copy` allows
             // overlap, which a hostile frontend could arrange by sharing memory
-            // between guests. The guest may change the bytes while we copy: that
-            // changes what it receives, never our own memory.
+            // between guests. Guest memory is shared with another process
+            // that may write the same bytes while we copy; like every
+            // vhost-user backend we treat it as memory we do not own: the
+            // copy may read torn values, which only changes what the guest
+            // receives, and no Rust reference to these bytes ever exists, so
+            // no invariant of ours depends on their contents.
             unsafe {
                 std::ptr::copy(s.ptr.add(self.off as usize), dst, t as usize);
                 dst = dst.add(t as usize);
@@ -606,7 +610,7 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             ring.push_used(chain.head, 0);
         }
         let signalled = ring.publish_used();
-        if notify_on_empty && !signalled && ring.avail_pending() == Ok(0) {
+        if got > 0 && notify_on_empty && !signalled && ring.avail_pending() == Ok(0) {
             ring.signal();
         }
     }
