@@ -309,6 +309,19 @@ fn port_show(sw: &mut SwitchProcess, name: &str) -> Value {
 }
 
 /// The port kept its one connection through the resets and is not broken.
+/// Both rings of `port` started more than `times` times (once at boot, once
+/// per reset), as the switch's log shows.
+fn assert_rings_restarted(sw: &SwitchProcess, port: &str, times: usize, what: &str) {
+    for q in [0, 1] {
+        assert!(
+            starts(sw, port, q) > times,
+            "queue {q} of {port} started {} times for {times} {what}:\n{}",
+            starts(sw, port, q),
+            sw.log_text()
+        );
+    }
+}
+
 fn assert_same_connection(sw: &mut SwitchProcess, name: &str, guest: &QemuGuest) {
     let info = port_show(sw, name);
     eprintln!("port {name}: {info}");
@@ -393,14 +406,7 @@ fn guest_driver_reload_resets_the_device_on_the_same_connection() {
     assert_eq!(r.get("replies"), Some("5,5,5"), "{}", r.line);
     assert_same_connection(&mut sw, "vm1", &a);
     // The switch saw the rings stopped and started again.
-    for q in [0, 1] {
-        assert!(
-            starts(&sw, "vm1", q) > RELOADS,
-            "queue {q} of vm1 started {} times for {RELOADS} reloads:\n{}",
-            starts(&sw, "vm1", q),
-            sw.log_text()
-        );
-    }
+    assert_rings_restarted(&sw, "vm1", RELOADS, "reloads");
     assert!(b.is_running() && sw.is_running());
     eprintln!(
         "A pinged B before and after {RELOADS} driver reloads in {:?} (vm1 queue 0 started {} times): {}",
@@ -464,14 +470,7 @@ fn ping_across_resets(
     }
     show_stats(&mut sw, &["vm1", "vm2"]);
     assert_same_connection(&mut sw, "vm1", &a);
-    for q in [0, 1] {
-        assert!(
-            starts(&sw, "vm1", q) > resets,
-            "queue {q} of vm1 started {} times for {resets} resets:\n{}",
-            starts(&sw, "vm1", q),
-            sw.log_text()
-        );
-    }
+    assert_rings_restarted(&sw, "vm1", resets, "resets");
     assert!(b.is_running() && sw.is_running());
     eprintln!(
         "{label}: A pinged B in each of {} boots, results after {times:?}",

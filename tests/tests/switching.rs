@@ -160,22 +160,33 @@ fn broadcast_and_multicast_flood_and_group_sources_are_not_learnt() {
     assert_eq!(fdb(&mut sw, json!({})), vec![learnt(1, 0, "a")]);
 }
 
-#[test]
-fn vlans_are_isolated_broadcast_domains() {
-    let mut sw = switch();
-    let specs = [("a", 10), ("b", 10), ("c", 20), ("d", 20), ("e", 0)];
-    let mut g: Vec<NetGuest> = specs
+/// Plug one guest per `(name, value)`, the port added with `key` set to the
+/// value, and check that `port.list` shows it so.
+fn plug_all_with(sw: &mut SwitchProcess, key: &str, specs: &[(&str, u64)]) -> Vec<NetGuest> {
+    let guests = specs
         .iter()
-        .map(|(n, v)| plug_with(&mut sw, json!({"name": n, "vlan": v}), small_config()))
+        .map(|(n, v)| {
+            let mut args = json!({ "name": n });
+            args[key] = json!(v);
+            plug_with(sw, args, small_config())
+        })
         .collect();
     let list = sw.call("port.list", json!({})).expect("port.list");
     for (n, v) in specs {
         let p = list
             .as_array()
-            .and_then(|l| l.iter().find(|p| p["name"] == n))
+            .and_then(|l| l.iter().find(|p| p["name"] == *n))
             .unwrap_or_else(|| panic!("{n} in {list}"));
-        assert_eq!(p["vlan"], v, "{n}");
+        assert_eq!(p[key], json!(v), "{n}: {key}");
     }
+    guests
+}
+
+#[test]
+fn vlans_are_isolated_broadcast_domains() {
+    let mut sw = switch();
+    let specs = [("a", 10), ("b", 10), ("c", 20), ("d", 20), ("e", 0)];
+    let mut g = plug_all_with(&mut sw, "vlan", &specs);
     // Each port broadcasts once (e alone in VLAN 0 reaches nobody).
     let bc: Vec<Vec<u8>> = (0..5)
         .map(|i| frame(BROADCAST, mac(i + 1), 60, u64::from(i)))
@@ -551,18 +562,7 @@ fn a_multiqueue_port_sends_and_receives_on_every_pair() {
 fn unicast_and_flood_cross_workers_intact() {
     let mut sw = switch_with(&[], 2);
     let specs = [("a", 0), ("b", 1), ("c", 0), ("d", 1)];
-    let mut g: Vec<NetGuest> = specs
-        .iter()
-        .map(|(n, w)| plug_with(&mut sw, json!({"name": n, "worker": w}), small_config()))
-        .collect();
-    let list = sw.call("port.list", json!({})).expect("port.list");
-    for (n, w) in specs {
-        let p = list
-            .as_array()
-            .and_then(|l| l.iter().find(|p| p["name"] == n))
-            .unwrap_or_else(|| panic!("{n} in {list}"));
-        assert_eq!(p["worker"], w, "{n} on worker {w}");
-    }
+    let mut g = plug_all_with(&mut sw, "worker", &specs);
     // Everyone floods once: each frame reaches the three others, across
     // workers and within them.
     let hello: Vec<Vec<u8>> = (0..4)
