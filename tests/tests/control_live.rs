@@ -139,8 +139,8 @@ fn ok(c: &mut ControlClient, cmd: &str, args: Value) -> Value {
         .unwrap_or_else(|e| panic!("{cmd} {args}: {e}"))
 }
 
-#[test]
-fn a_thousand_port_changes_and_a_flood_of_queries_do_not_disturb_a_running_pair() {
+/// A switch with two workers, and a pair of guests: a on worker 0, b on worker 1.
+fn pair_on_two_workers() -> (SwitchProcess, Pair) {
     let mut sw = SwitchProcess::spawn(SwitchOptions {
         workers: 2,
         ..Default::default()
@@ -149,7 +149,12 @@ fn a_thousand_port_changes_and_a_flood_of_queries_do_not_disturb_a_running_pair(
     let cfg = NetGuestConfig::default();
     let a = plug_with(&mut sw, json!({"name": "a", "worker": 0}), cfg.clone());
     let b = plug_with(&mut sw, json!({"name": "b", "worker": 1}), cfg);
-    let mut pair = Pair::new(a, b);
+    (sw, Pair::new(a, b))
+}
+
+#[test]
+fn a_thousand_port_changes_and_a_flood_of_queries_do_not_disturb_a_running_pair() {
+    let (mut sw, mut pair) = pair_on_two_workers();
     let sock = sw.control_path();
     let stop = Arc::new(AtomicBool::new(false));
 
@@ -248,15 +253,7 @@ fn a_thousand_port_changes_and_a_flood_of_queries_do_not_disturb_a_running_pair(
 /// worker 1): nothing may be lost, reordered or counted as dropped, and
 /// neither guest reconnects.
 fn changes_under_traffic(cycle: Vec<(&'static str, Value)>) {
-    let mut sw = SwitchProcess::spawn(SwitchOptions {
-        workers: 2,
-        ..Default::default()
-    })
-    .expect("start vioswitch");
-    let cfg = NetGuestConfig::default();
-    let a = plug_with(&mut sw, json!({"name": "a", "worker": 0}), cfg.clone());
-    let b = plug_with(&mut sw, json!({"name": "b", "worker": 1}), cfg);
-    let mut pair = Pair::new(a, b);
+    let (mut sw, mut pair) = pair_on_two_workers();
     let stop = Arc::new(AtomicBool::new(false));
     let changes = Arc::new(AtomicU64::new(0));
     let changer = {
@@ -322,15 +319,7 @@ fn worker_moves_of_ports_under_traffic_lose_nothing() {
 /// switched afterwards, in order.
 #[test]
 fn frames_queued_in_the_rings_survive_a_worker_move() {
-    let mut sw = SwitchProcess::spawn(SwitchOptions {
-        workers: 2,
-        ..Default::default()
-    })
-    .expect("start vioswitch");
-    let cfg = NetGuestConfig::default();
-    let a = plug_with(&mut sw, json!({"name": "a", "worker": 0}), cfg.clone());
-    let b = plug_with(&mut sw, json!({"name": "b", "worker": 1}), cfg);
-    let mut pair = Pair::new(a, b);
+    let (mut sw, mut pair) = pair_on_two_workers();
     for round in 0..50u64 {
         // A full TX ring's worth (200 frames, in bursts) from a, and a
         // window from b, with the move issued in the middle.

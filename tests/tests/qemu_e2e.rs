@@ -54,6 +54,13 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
+/// Add ports vm1 and vm2 to `sw`; returns it with their sockets.
+fn with_two_ports(mut sw: SwitchProcess) -> (SwitchProcess, PathBuf, PathBuf) {
+    let s1 = sw.add_port("vm1").expect("add port vm1");
+    let s2 = sw.add_port("vm2").expect("add port vm2");
+    (sw, s1, s2)
+}
+
 fn show_stats(sw: &mut SwitchProcess, ports: &[&str]) {
     for p in ports {
         match sw.port_stats(p) {
@@ -67,9 +74,7 @@ fn show_stats(sw: &mut SwitchProcess, ports: &[&str]) {
 fn two_guests_ping_each_other_through_the_switch() {
     let _g = serial();
     let img = image();
-    let mut sw = switch();
-    let s1 = sw.add_port("vm1").expect("add port vm1");
-    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let (mut sw, s1, s2) = with_two_ports(switch());
     let t0 = Instant::now();
     let common = ["vio.count=5", "vio.linger=120"];
     let mut a = QemuGuest::spawn(
@@ -121,9 +126,7 @@ fn tcp_payload_crosses_the_switch_intact() {
     let img = image();
     const BYTES: usize = 1 << 20;
     let expected = sha256_hex(&payload(BYTES)).expect("sha256sum");
-    let mut sw = switch();
-    let s1 = sw.add_port("vm1").expect("add port vm1");
-    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let (mut sw, s1, s2) = with_two_ports(switch());
     let bytes = format!("vio.bytes={BYTES}");
     let t0 = Instant::now();
     let mut rx = QemuGuest::spawn(
@@ -179,9 +182,7 @@ fn tcp_payload_crosses_the_switch_intact() {
 fn traffic_resumes_after_a_guest_is_killed_and_restarted() {
     let _g = serial();
     let img = image();
-    let mut sw = switch();
-    let s1 = sw.add_port("vm1").expect("add port vm1");
-    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let (mut sw, s1, s2) = with_two_ports(switch());
     let t0 = Instant::now();
     // A pings B until it answers 3 times, waits for B to go silent, then
     // pings until B answers 3 times again.
@@ -369,9 +370,7 @@ fn serving_peer(img: &GuestImage, s2: &Path) -> QemuGuest {
 fn guest_driver_reload_resets_the_device_on_the_same_connection() {
     let _g = serial();
     let img = image();
-    let mut sw = logged_switch();
-    let s1 = sw.add_port("vm1").expect("add port vm1");
-    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let (mut sw, s1, s2) = with_two_ports(logged_switch());
     let t0 = Instant::now();
     let mut b = serving_peer(&img, &s2);
     const RELOADS: usize = 2;
@@ -427,9 +426,7 @@ fn ping_across_resets(
     mut reset: impl FnMut(&mut QemuGuest),
 ) {
     let img = image();
-    let mut sw = logged_switch();
-    let s1 = sw.add_port("vm1").expect("add port vm1");
-    let s2 = sw.add_port("vm2").expect("add port vm2");
+    let (mut sw, s1, s2) = with_two_ports(logged_switch());
     let t0 = Instant::now();
     let mut b = serving_peer(&img, &s2);
     let mut args = vec!["vio.ip=10.0.0.1/24", "vio.peer=10.0.0.2", "vio.count=5"];
