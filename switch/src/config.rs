@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::DiskSpec;
 use crate::port::PortSpec;
 
 /// Version of the saved state format.
@@ -72,6 +73,8 @@ pub struct SwitchState {
     pub fdb_ageing_s: Option<u64>,
     #[serde(default, rename = "port")]
     pub ports: Vec<PortSpec>,
+    #[serde(default, rename = "disk", skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskSpec>,
     #[serde(default, rename = "fdb_static")]
     pub fdb_static: Vec<StaticEntry>,
 }
@@ -87,6 +90,7 @@ impl Default for SwitchState {
             workers: None,
             fdb_ageing_s: None,
             ports: Vec::new(),
+            disks: Vec::new(),
             fdb_static: Vec::new(),
         }
     }

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::config::{ConfigError, StaticEntry, SwitchState, STATE_FILE};
 use crate::dataplane::{Dataplane, DataplaneError, WorkerConfig};
+use crate::disk::DiskSpec;
 use crate::events::EventBus;
 use crate::fdb::{Learn, PortIdx};
 use crate::port::{PortError, PortSpec, PortTable};
@@ -128,7 +129,7 @@ pub struct Switch {
     /// start (e.g. a socket directory missing for now). They stay in the
     /// saved state, so a later restart retries them, until the user adds or
     /// removes a port of that name.
-    unrestored: Mutex<(Vec<PortSpec>, Vec<StaticEntry>)>,
+    unrestored: Mutex<Unrestored>,
     events: Arc<EventBus>,
     started: Instant,
     ageing_s: u64,
@@ -137,6 +138,14 @@ pub struct Switch {
     housekeeping: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
     /// Holds the run directory's lock for the switch's lifetime.
     _lock: File,
+}
+
+/// Saved things that could not be brought back at start.
+#[derive(Default)]
+struct Unrestored {
+    ports: Vec<PortSpec>,
+    disks: Vec<DiskSpec>,
+    statics: Vec<StaticEntry>,
 }
 
 fn lock_run_dir(dir: &Path) -> Result<File, SwitchError> {
@@ -201,7 +210,7 @@ impl Switch {
             run_dir: cfg.run_dir,
             ports: Mutex::new(PortTable::new(dp.clone(), events.clone())),
             statics: Mutex::new(Vec::new()),
-            unrestored: Mutex::new((Vec::new(), Vec::new())),
+            unrestored: Mutex::new(Unrestored::default()),
             dp,
             events,
             started: Instant::now(),
@@ -220,8 +229,9 @@ impl Switch {
         sw.restore(&state);
         if from_saved {
             log::info!(
-                "restored {} port(s) from the saved state",
-                state.ports.len()
+                "restored {} port(s) and {} disk(s) from the saved state",
+                state.ports.len(),
+                state.disks.len()
             );
         }
         if let Err(e) = sw.save() {
@@ -233,14 +243,23 @@ impl Switch {
     /// Add the ports and static entries of `state`. Failures are logged and
     /// kept in the saved state (see `unrestored`).
     fn restore(&self, state: &SwitchState) {
-        let mut failed = (Vec::new(), Vec::new());
+        let mut failed = Unrestored::default();
         for spec in &state.ports {
             if let Err(e) = self.ports().add(spec.clone()) {
                 log::error!(
                     "cannot restore port {}: {e}; it stays in the saved state",
                     spec.name
                 );
-                failed.0.push(spec.clone());
+                failed.ports.push(spec.clone());
+            }
+        }
+        for spec in &state.disks {
+            if let Err(e) = self.ports().add_disk(spec.clone()) {
+                log::error!(
+                    "cannot restore disk {}: {e}; it stays in the saved state",
+                    spec.name
+                );
+                failed.disks.push(spec.clone());
             }
         }
         for e in &state.fdb_static {
@@ -250,13 +269,13 @@ impl Switch {
                     e.mac,
                     e.port
                 );
-                failed.1.push(e.clone());
+                failed.statics.push(e.clone());
             }
         }
         *self.unrestored() = failed;
     }
 
-    fn unrestored(&self) -> MutexGuard<'_, (Vec<PortSpec>, Vec<StaticEntry>)> {
+    fn unrestored(&self) -> MutexGuard<'_, Unrestored> {
         self.unrestored.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -264,13 +283,15 @@ impl Switch {
     /// of that name that could not be restored is no longer wanted.
     pub fn settle_port_name(&self, name: &str) {
         let mut u = self.unrestored();
-        u.0.retain(|p| p.name != name);
-        u.1.retain(|e| e.port != name);
+        u.ports.retain(|p| p.name != name);
+        u.disks.retain(|p| p.name != name);
+        u.statics.retain(|e| e.port != name);
     }
 
-    /// Whether a saved port of this name waits to be restored.
+    /// Whether a saved port or disk of this name waits to be restored.
     pub fn is_unrestored(&self, name: &str) -> bool {
-        self.unrestored().0.iter().any(|p| p.name == name)
+        let u = self.unrestored();
+        u.ports.iter().any(|p| p.name == name) || u.disks.iter().any(|p| p.name == name)
     }
 
     /// The run directory.
@@ -315,7 +336,14 @@ impl Switch {
         if m[0] & 1 != 0 {
             return Err(SwitchError::MulticastMac(mac.to_string()));
         }
-        let idx = self.ports().get(port)?.idx;
+        let idx = {
+            let ports = self.ports();
+            let p = ports.get(port)?;
+            if p.disk().is_some() {
+                return Err(PortError::IsADisk(port.to_string()).into());
+            }
+            p.idx
+        };
         let fdb = self.dp.fdb();
         fdb.remove(&m, vlan);
         if fdb.add_static(&m, vlan, idx) == Learn::Full {
@@ -353,18 +381,24 @@ impl Switch {
 
     /// The running configuration, with what could not be restored.
     pub fn state(&self) -> SwitchState {
-        let mut ports = self.ports().specs();
+        let (mut ports, mut disks) = {
+            let table = self.ports();
+            (table.specs(), table.disk_specs())
+        };
         let mut fdb_static = self.statics().clone();
         {
             let u = self.unrestored();
-            ports.extend(u.0.iter().cloned());
-            fdb_static.extend(u.1.iter().cloned());
+            ports.extend(u.ports.iter().cloned());
+            disks.extend(u.disks.iter().cloned());
+            fdb_static.extend(u.statics.iter().cloned());
         }
         ports.sort_by(|a, b| a.name.cmp(&b.name));
+        disks.sort_by(|a, b| a.name.cmp(&b.name));
         SwitchState {
             workers: Some(self.dp.worker_count()),
             fdb_ageing_s: Some(self.ageing_s),
             ports,
+            disks,
             fdb_static,
             ..SwitchState::default()
         }

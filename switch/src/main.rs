@@ -44,6 +44,10 @@ struct Args {
     /// Seconds before an unused MAC address is forgotten [default: as saved, else 300].
     #[arg(long)]
     fdb_ageing: Option<u64>,
+    /// Disk I/O engine: auto (io_uring if the kernel allows it, else a
+    /// thread pool), uring, or threads.
+    #[arg(long, default_value = "auto", value_name = "ENGINE")]
+    io_engine: vioswitch::io_engine::EngineKind,
 }
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -64,6 +68,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     cfg.workers = args.workers;
     cfg.worker.idle_poll = Duration::from_micros(args.idle_poll_us);
     cfg.worker.batch = args.batch;
+    cfg.worker.io_engine = args.io_engine;
     cfg.ageing = args.fdb_ageing.map(Duration::from_secs);
     if let Some(path) = &args.config {
         cfg.initial = Some(SwitchState::load_toml(path)?);

@@ -1,5 +1,6 @@
-//! Net ports: their sockets, the session thread that serves each one's
-//! vhost-user connection, and the table of ports of a switch.
+//! Ports (net ports and disks): their sockets, the session thread that
+//! serves each one's vhost-user connection, and the table of ports of a
+//! switch. What is particular to disks is in [`crate::disk`].
 //!
 //! Each server-mode port has one thread that waits for a connection on the
 //! port's socket and then serves it to the end. When the connection ends the
@@ -23,13 +24,18 @@ use serde_json::json;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::blk::Disk;
 use crate::dataplane::{
     Dataplane, DataplaneError, PortSettings, MAX_FRAME_LEN, MAX_PORTS, MAX_QUEUE_PAIRS,
 };
+use crate::disk::DiskSpec;
 use crate::events::EventBus;
 use crate::fdb::PortIdx;
+use crate::stats::DiskStats;
 use crate::stats::PortStats;
-use crate::vhost_user::NetBackend;
+use crate::vhost_user::blk::{BlkDevice, ConfigNotifier};
+use crate::vhost_user::net::NetDevice;
+use crate::vhost_user::{Device, PortBackend};
 
 /// First wait before a client-mode port connects again.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -86,6 +92,12 @@ pub enum PortError {
     },
     #[error("the switch has {MAX_PORTS} ports already")]
     TooManyPorts,
+    #[error("{0:?} is a disk, not a net port: use the disk commands")]
+    IsADisk(String),
+    #[error("{0:?} is a net port, not a disk: use the port commands")]
+    NotADisk(String),
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
     #[error("cannot start the port's session thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -278,9 +290,25 @@ impl SessionStatus {
     }
 }
 
-/// A port of the switch.
+/// What a port serves.
+pub enum Kind {
+    Net,
+    Disk(Box<DiskPort>),
+}
+
+/// The disk behind a disk port.
+pub struct DiskPort {
+    pub spec: DiskSpec,
+    pub disk: Arc<Disk>,
+    /// Tells the connected frontend that the configuration changed.
+    pub notifier: Arc<ConfigNotifier>,
+}
+
+/// A port of the switch. For a disk, `spec` holds the endpoint fields
+/// (name, socket, mode, worker, owner, group, perm) and `kind` the rest.
 pub struct Port {
     pub spec: PortSpec,
+    pub kind: Kind,
     pub idx: PortIdx,
     pub stats: Arc<PortStats>,
     pub status: Arc<SessionStatus>,
@@ -294,6 +322,22 @@ impl Port {
     /// The worker that polls the port.
     pub fn worker(&self) -> usize {
         self.worker.load(Ordering::Relaxed)
+    }
+
+    /// The disk, if this is a disk port.
+    pub fn disk(&self) -> Option<&DiskPort> {
+        match &self.kind {
+            Kind::Disk(d) => Some(d),
+            Kind::Net => None,
+        }
+    }
+
+    /// Whether a guest fault stopped the port.
+    pub fn broken(&self) -> bool {
+        match &self.kind {
+            Kind::Net => self.stats.is_broken(),
+            Kind::Disk(d) => d.disk.stats.is_broken(),
+        }
     }
 
     /// Stop the session thread and remove the server-mode socket it bound.
@@ -403,11 +447,24 @@ enum Endpoint {
     Connect(PathBuf),
 }
 
+/// What a session serves.
+enum SessionDevice {
+    Net {
+        queue_pairs: u16,
+    },
+    Disk {
+        disk: Arc<Disk>,
+        queues: u16,
+        queue_size: u16,
+        notifier: Arc<ConfigNotifier>,
+    },
+}
+
 struct Session {
     name: String,
     idx: PortIdx,
     worker: Arc<AtomicUsize>,
-    queue_pairs: u16,
+    device: SessionDevice,
     dp: Arc<Dataplane>,
     stats: Arc<PortStats>,
     status: Arc<SessionStatus>,
@@ -476,10 +533,14 @@ impl Session {
         }
         let settings = self.settings.lock().map(|s| *s).unwrap_or_default();
         let worker = self.worker.load(Ordering::Relaxed);
-        if let Err(e) = self
-            .dp
-            .attach(self.idx, worker, self.stats.clone(), settings)
-        {
+        let attached = match &self.device {
+            SessionDevice::Net { .. } => {
+                self.dp
+                    .attach(self.idx, worker, self.stats.clone(), settings)
+            }
+            SessionDevice::Disk { disk, .. } => self.dp.attach_disk(self.idx, worker, disk.clone()),
+        };
+        if let Err(e) = attached {
             log::error!("port {}: cannot attach to worker {worker}: {e}", self.name);
             return true;
         }
@@ -499,12 +560,6 @@ impl Session {
         log::info!("port {}: guest connected", self.name);
         self.events
             .emit("port.connected", json!({ "port": self.name }));
-        let backend = Arc::new(Mutex::new(NetBackend::new(
-            &self.name,
-            self.idx,
-            self.dp.clone(),
-            self.queue_pairs,
-        )));
         // A move while the port was being attached went to the old worker's
         // absence: put the port where it is configured to be now.
         let now = self.worker.load(Ordering::Relaxed);
@@ -513,19 +568,67 @@ impl Session {
                 log::error!("port {}: cannot move to worker {now}: {e}", self.name);
             }
         }
-        let mut handler = BackendReqHandler::from_stream(stream, backend.clone());
-        let mut stopping = false;
+        let stopping = match &self.device {
+            SessionDevice::Net { queue_pairs } => {
+                self.handle(stream, &watch, NetDevice::new(*queue_pairs), None)
+            }
+            SessionDevice::Disk {
+                disk,
+                queues,
+                queue_size,
+                notifier,
+            } => {
+                let device = BlkDevice::new(disk.clone(), *queues, *queue_size);
+                let stopping = self.handle(stream, &watch, device, Some(notifier));
+                notifier.set(None);
+                stopping
+            }
+        };
+        if let Err(e) = self.dp.detach(self.idx) {
+            log::error!("port {}: detach failed: {e}", self.name);
+        }
+        if let Ok(mut c) = self.status.conn.lock() {
+            *c = None;
+        }
+        self.status.connected.store(false, Ordering::Relaxed);
+        self.events
+            .emit("port.disconnected", json!({ "port": self.name }));
+        !stopping
+    }
+}
+
+impl Session {
+    /// Answer the frontend's requests until it goes or the port is
+    /// stopped. Returns true when stopped.
+    fn handle<D: Device>(
+        &self,
+        stream: UnixStream,
+        watch: &UnixStream,
+        device: D,
+        notifier: Option<&Arc<ConfigNotifier>>,
+    ) -> bool {
+        let backend = Arc::new(Mutex::new(PortBackend::new(
+            &self.name,
+            self.idx,
+            self.dp.clone(),
+            device,
+        )));
+        let mut handler = BackendReqHandler::from_stream(stream, backend);
         let mut refusals = 0;
         loop {
-            if !wait_readable(&watch, &self.stop) {
-                stopping = true;
-                break;
+            if !wait_readable(watch, &self.stop) {
+                return true;
+            }
+            if let Some(n) = notifier {
+                if let Some(chan) = peek_backend_channel(watch) {
+                    n.set(Some(chan));
+                }
             }
             match handler.handle_request() {
                 Ok(()) => refusals = 0,
                 Err(e) if ends_connection(&e) => {
                     log::info!("port {}: guest disconnected ({e})", self.name);
-                    break;
+                    return false;
                 }
                 Err(e @ VhostError::InactiveFeature(_)) => {
                     // QEMU enables rings before it acks the features; harmless.
@@ -542,23 +645,85 @@ impl Session {
                             "port {}: {refusals} refused requests in a row; dropping the connection",
                             self.name
                         );
-                        break;
+                        return false;
                     }
                 }
             }
         }
-        drop(handler);
-        drop(backend);
-        if let Err(e) = self.dp.detach(self.idx) {
-            log::error!("port {}: detach failed: {e}", self.name);
+    }
+}
+
+/// `VHOST_USER_SET_BACKEND_REQ_FD`.
+const SET_BACKEND_REQ_FD: u32 = 21;
+
+/// If the next message on `sock` is `SET_BACKEND_REQ_FD`, return a duplicate
+/// of the channel it carries, leaving the message for the `vhost` crate.
+///
+/// The crate keeps that channel to itself and (in 0.18) has no way to send
+/// a configuration-change message on it, so a disk needs its own handle: a
+/// `MSG_PEEK` that receives the descriptor installs a duplicate without
+/// consuming the message.
+fn peek_backend_channel(sock: &UnixStream) -> Option<UnixStream> {
+    use std::os::fd::FromRawFd;
+    let mut hdr = [0u8; 12];
+    // SAFETY: a peek of at most 12 bytes into a local buffer, without
+    // control data (so no descriptor is installed), on a socket we own.
+    let n = unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            hdr.as_mut_ptr().cast(),
+            hdr.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 4 || u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]) != SET_BACKEND_REQ_FD {
+        return None;
+    }
+    let mut iov = libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    };
+    // Room for one descriptor.
+    let mut cmsg = [0u64; 4];
+    // SAFETY: msghdr is plain data; all-zero is valid before the fields are set.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&cmsg);
+    // SAFETY: recvmsg writes at most iov_len bytes into `hdr` and at most
+    // msg_controllen bytes into `cmsg`, both live locals.
+    let n = unsafe {
+        libc::recvmsg(
+            sock.as_raw_fd(),
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC,
+        )
+    };
+    if n < 0 {
+        return None;
+    }
+    // SAFETY: CMSG_FIRSTHDR/CMSG_DATA walk the control buffer recvmsg filled,
+    // within msg_controllen; the data of an SCM_RIGHTS message is an array
+    // of descriptors, now installed in this process and owned by us.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
+        {
+            return None;
         }
-        if let Ok(mut c) = self.status.conn.lock() {
-            *c = None;
+        let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+        let fds = libc::CMSG_DATA(c) as *const libc::c_int;
+        let mut chan = None;
+        for i in 0..count {
+            let fd = std::ptr::read_unaligned(fds.add(i));
+            if i == 0 {
+                chan = Some(UnixStream::from_raw_fd(fd));
+            } else {
+                libc::close(fd);
+            }
         }
-        self.status.connected.store(false, Ordering::Relaxed);
-        self.events
-            .emit("port.disconnected", json!({ "port": self.name }));
-        !stopping
+        chan
     }
 }
 
@@ -601,7 +766,17 @@ fn spawn_session(
         name: port.spec.name.clone(),
         idx: port.idx,
         worker: port.worker.clone(),
-        queue_pairs: port.spec.queue_pairs,
+        device: match &port.kind {
+            Kind::Net => SessionDevice::Net {
+                queue_pairs: port.spec.queue_pairs,
+            },
+            Kind::Disk(d) => SessionDevice::Disk {
+                disk: d.disk.clone(),
+                queues: d.spec.queues,
+                queue_size: d.spec.queue_size,
+                notifier: d.notifier.clone(),
+            },
+        },
         dp: dp.clone(),
         stats: port.stats.clone(),
         status: port.status.clone(),
@@ -689,15 +864,48 @@ impl PortTable {
         start_session(&self.dp, &self.events, port)
     }
 
-    /// Create a port and start serving it.
+    /// Create a net port and start serving it.
     pub fn add(&mut self, spec: PortSpec) -> Result<PortInfo, PortError> {
         spec.validate()?;
+        let port = self.insert(spec, Kind::Net)?;
+        Ok(Self::info(port))
+    }
+
+    /// Create a disk port: open its backing and start serving it.
+    pub fn add_disk(&mut self, spec: DiskSpec) -> Result<crate::disk::DiskInfo, PortError> {
+        spec.validate()?;
+        let endpoint = spec.endpoint();
+        endpoint.validate()?;
+        self.check_free(&endpoint)?;
+        let backing =
+            crate::blk::Backing::open(&spec.params()).map_err(crate::disk::DiskError::from)?;
+        let disk = Arc::new(Disk::new(backing, spec.serial()));
+        let kind = Kind::Disk(Box::new(DiskPort {
+            spec,
+            disk,
+            notifier: Arc::new(ConfigNotifier::default()),
+        }));
+        let port = self.insert(endpoint, kind)?;
+        Self::disk_info(port).ok_or_else(|| PortError::NotADisk(String::new()))
+    }
+
+    /// Refuse a name or socket that another port has.
+    fn check_free(&self, spec: &PortSpec) -> Result<(), PortError> {
         if self.ports.contains_key(&spec.name) {
-            return Err(PortError::Exists(spec.name));
+            return Err(PortError::Exists(spec.name.clone()));
         }
         if let Some(p) = self.ports.values().find(|p| p.spec.socket == spec.socket) {
-            return Err(PortError::SocketTaken(spec.socket, p.spec.name.clone()));
+            return Err(PortError::SocketTaken(
+                spec.socket.clone(),
+                p.spec.name.clone(),
+            ));
         }
+        Ok(())
+    }
+
+    /// Add a checked port and start its session.
+    fn insert(&mut self, spec: PortSpec, kind: Kind) -> Result<&Port, PortError> {
+        self.check_free(&spec)?;
         let worker = match spec.worker {
             Some(w) => self.check_worker(w)?,
             None => {
@@ -713,6 +921,7 @@ impl PortTable {
             .ok_or(PortError::TooManyPorts)?;
         let mut port = Port {
             idx: idx as PortIdx,
+            kind,
             stats: Arc::new(PortStats::default()),
             status: Arc::new(SessionStatus::default()),
             worker: Arc::new(AtomicUsize::new(worker)),
@@ -723,17 +932,52 @@ impl PortTable {
         };
         self.start_session(&mut port)?;
         self.used[idx] = true;
-        let info = Self::info(&port);
+        let what = if port.disk().is_some() {
+            "disk"
+        } else {
+            "port"
+        };
         log::info!(
-            "port {} added ({:?} mode, {})",
+            "{what} {} added ({:?} mode, {})",
             port.spec.name,
             port.spec.mode,
             port.spec.socket.display()
         );
+        self.events.emit(
+            "port.added",
+            json!({ "port": port.spec.name, "kind": what }),
+        );
+        let name = port.spec.name.clone();
+        Ok(self.ports.entry(name).or_insert(port))
+    }
+
+    /// Change a disk's capacity (see [`crate::blk::Backing::resize`]) and tell
+    /// its guest. Returns the new size in bytes.
+    pub fn resize_disk(
+        &mut self,
+        name: &str,
+        size: Option<u64>,
+        shrink: bool,
+    ) -> Result<u64, PortError> {
+        let port = self.get(name)?;
+        let d = port
+            .disk()
+            .ok_or_else(|| PortError::NotADisk(name.to_string()))?;
+        let size = d
+            .disk
+            .backing
+            .resize(size, shrink)
+            .map_err(crate::disk::DiskError::from)?;
+        match d.notifier.notify() {
+            Ok(true) => log::info!("disk {name}: resized to {size} bytes; guest notified"),
+            Ok(false) => log::info!("disk {name}: resized to {size} bytes (no guest to notify)"),
+            Err(e) => {
+                log::warn!("disk {name}: resized to {size} bytes; cannot notify the guest: {e}")
+            }
+        }
         self.events
-            .emit("port.added", json!({ "port": port.spec.name }));
-        self.ports.insert(port.spec.name.clone(), port);
-        Ok(info)
+            .emit("disk.resized", json!({ "port": name, "size": size }));
+        Ok(size)
     }
 
     /// Remove a port: its guest is disconnected, its FDB entries (static ones
@@ -915,15 +1159,63 @@ impl PortTable {
         self.ports.values()
     }
 
-    /// The specs to save: with the worker each port is on now.
+    /// The net port specs to save: with the worker each port is on now.
     pub fn specs(&self) -> Vec<PortSpec> {
         self.ports
             .values()
+            .filter(|p| p.disk().is_none())
             .map(|p| PortSpec {
                 worker: Some(p.worker()),
                 ..p.spec.clone()
             })
             .collect()
+    }
+
+    /// The disk specs to save: with the worker each disk is on now.
+    pub fn disk_specs(&self) -> Vec<DiskSpec> {
+        self.ports
+            .values()
+            .filter_map(|p| {
+                p.disk().map(|d| DiskSpec {
+                    worker: Some(p.worker()),
+                    ..d.spec.clone()
+                })
+            })
+            .collect()
+    }
+
+    /// A disk's summary (None for a net port).
+    pub fn disk_info(p: &Port) -> Option<crate::disk::DiskInfo> {
+        let d = p.disk()?;
+        let b = &d.disk.backing;
+        Some(crate::disk::DiskInfo {
+            name: p.spec.name.clone(),
+            path: d.spec.path.clone(),
+            socket: p.spec.socket.clone(),
+            mode: p.spec.mode,
+            index: p.idx,
+            worker: p.worker(),
+            kind: b.kind(),
+            size: b.size(),
+            block_size: b.block_size(),
+            readonly: b.readonly(),
+            direct: b.direct(),
+            serial: d.spec.serial().to_string(),
+            queues: d.spec.queues,
+            queue_size: d.spec.queue_size,
+            connected: p.status.connected(),
+            broken: p.broken(),
+            connections: p.status.connections(),
+            write_through: d.disk.write_through(),
+        })
+    }
+
+    /// A disk's counters.
+    pub fn disk_stats(&self, name: &str) -> Result<&DiskStats, PortError> {
+        self.get(name)?
+            .disk()
+            .map(|d| &d.disk.stats)
+            .ok_or_else(|| PortError::NotADisk(name.to_string()))
     }
 
     /// A port's summary.
@@ -938,7 +1230,7 @@ impl PortTable {
             vlan: p.spec.vlan,
             mtu: p.spec.mtu,
             connected: p.status.connected(),
-            broken: p.stats.is_broken(),
+            broken: p.broken(),
             connections: p.status.connections(),
         }
     }

@@ -143,6 +143,173 @@ impl PortStats {
     }
 }
 
+/// Why a disk request failed (answered `S_IOERR` or `S_UNSUPP`, or, with
+/// no status byte to answer in, returned with length 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum BlkError {
+    /// A malformed descriptor chain (out of memory, loop, readable after writable, indirect).
+    BadDescriptor,
+    /// No device-writable status byte at the end of the chain.
+    NoStatus,
+    /// A header shorter than 16 bytes.
+    ShortHeader,
+    /// Data buffers of the wrong direction for the request.
+    WrongDirection,
+    /// Sectors past the end of the disk.
+    OutOfRange,
+    /// A length not a multiple of 512, or direct I/O out of alignment.
+    Unaligned,
+    /// A write, discard or write-zeroes request to a read-only disk.
+    ReadOnly,
+    /// A request type or flag the disk does not serve.
+    Unsupported,
+    /// The host file or device failed the operation.
+    IoError,
+}
+
+impl BlkError {
+    /// Every reason, in counter order.
+    pub const ALL: [BlkError; 9] = [
+        BlkError::BadDescriptor,
+        BlkError::NoStatus,
+        BlkError::ShortHeader,
+        BlkError::WrongDirection,
+        BlkError::OutOfRange,
+        BlkError::Unaligned,
+        BlkError::ReadOnly,
+        BlkError::Unsupported,
+        BlkError::IoError,
+    ];
+
+    /// The name used in statistics output.
+    pub fn name(self) -> &'static str {
+        match self {
+            BlkError::BadDescriptor => "bad_descriptor",
+            BlkError::NoStatus => "no_status",
+            BlkError::ShortHeader => "short_header",
+            BlkError::WrongDirection => "wrong_direction",
+            BlkError::OutOfRange => "out_of_range",
+            BlkError::Unaligned => "unaligned",
+            BlkError::ReadOnly => "read_only",
+            BlkError::Unsupported => "unsupported",
+            BlkError::IoError => "io_error",
+        }
+    }
+}
+
+/// Request kinds counted per disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum BlkOp {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    GetId,
+}
+
+impl BlkOp {
+    const ALL: [BlkOp; 6] = [
+        BlkOp::Read,
+        BlkOp::Write,
+        BlkOp::Flush,
+        BlkOp::Discard,
+        BlkOp::WriteZeroes,
+        BlkOp::GetId,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            BlkOp::Read => "read",
+            BlkOp::Write => "write",
+            BlkOp::Flush => "flush",
+            BlkOp::Discard => "discard",
+            BlkOp::WriteZeroes => "write_zeroes",
+            BlkOp::GetId => "get_id",
+        }
+    }
+}
+
+/// Counters of one disk, written by the worker that serves it.
+#[repr(align(64))]
+#[derive(Default)]
+pub struct DiskStats {
+    ops: [AtomicU64; BlkOp::ALL.len()],
+    bytes: [AtomicU64; BlkOp::ALL.len()],
+    errors: [AtomicU64; BlkError::ALL.len()],
+    in_flight: AtomicU64,
+    broken: AtomicBool,
+}
+
+/// A snapshot of [`DiskStats`].
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DiskStatsSnapshot {
+    /// Completed requests by kind (successful or not).
+    pub ops: std::collections::BTreeMap<&'static str, u64>,
+    /// Bytes moved by successful requests, by kind.
+    pub bytes: std::collections::BTreeMap<&'static str, u64>,
+    /// Failed requests by reason.
+    pub errors: std::collections::BTreeMap<&'static str, u64>,
+    pub in_flight: u64,
+    pub broken: bool,
+}
+
+impl DiskStats {
+    /// Count a completed request and the bytes it moved.
+    #[inline]
+    pub fn count_op(&self, op: BlkOp, bytes: u64) {
+        bump(&self.ops[op as usize], 1);
+        bump(&self.bytes[op as usize], bytes);
+    }
+
+    /// Count a failed request.
+    #[inline]
+    pub fn count_error(&self, why: BlkError) {
+        bump(&self.errors[why as usize], 1);
+    }
+
+    /// Requests taken from the rings and not yet answered.
+    #[inline]
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.store(n, Ordering::Relaxed);
+    }
+
+    pub fn set_broken(&self, broken: bool) {
+        self.broken.store(broken, Ordering::Relaxed);
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Failed requests for one reason.
+    pub fn errors(&self, why: BlkError) -> u64 {
+        self.errors[why as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn snapshot(&self) -> DiskStatsSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DiskStatsSnapshot {
+            ops: BlkOp::ALL
+                .iter()
+                .map(|o| (o.name(), load(&self.ops[*o as usize])))
+                .collect(),
+            bytes: BlkOp::ALL
+                .iter()
+                .map(|o| (o.name(), load(&self.bytes[*o as usize])))
+                .collect(),
+            errors: BlkError::ALL
+                .iter()
+                .map(|e| (e.name(), self.errors(*e)))
+                .collect(),
+            in_flight: load(&self.in_flight),
+            broken: self.is_broken(),
+        }
+    }
+}
+
 /// Counters of one worker.
 #[repr(align(64))]
 #[derive(Default)]
@@ -214,5 +381,22 @@ mod tests {
         assert_eq!(snap.drops["no_rx_buffer"], 1);
         assert_eq!(snap.drops["remote_queue_full"], 1);
         assert_eq!(snap.drops["short_frame"], 0);
+    }
+
+    #[test]
+    fn disk_counters() {
+        let d = DiskStats::default();
+        d.count_op(BlkOp::Read, 4096);
+        d.count_op(BlkOp::Read, 512);
+        d.count_op(BlkOp::Flush, 0);
+        d.count_error(BlkError::OutOfRange);
+        d.set_in_flight(3);
+        let s = d.snapshot();
+        assert_eq!(
+            (s.ops["read"], s.bytes["read"], s.ops["flush"]),
+            (2, 4608, 1)
+        );
+        assert_eq!((s.errors["out_of_range"], s.errors["io_error"]), (1, 0));
+        assert_eq!(s.in_flight, 3);
     }
 }

@@ -86,12 +86,15 @@ pub enum ChainError {
 pub struct Seg {
     pub ptr: *mut u8,
     pub len: u32,
+    /// The device writes this buffer (`VIRTQ_DESC_F_WRITE`).
+    pub writable: bool,
 }
 
 impl Seg {
     const EMPTY: Seg = Seg {
         ptr: std::ptr::null_mut(),
         len: 0,
+        writable: false,
     };
 }
 
@@ -139,6 +142,8 @@ pub enum Direction {
     Readable,
     /// Device-written (RX): every descriptor has `WRITE`.
     Writable,
+    /// Driver-written buffers, then device-written ones (a block request).
+    Mixed,
 }
 
 /// The device side of one split virtqueue.
@@ -393,15 +398,23 @@ impl Vring {
         out.total = 0;
         let mut index = head;
         let mut hops = 0usize;
+        let mut seen_writable = false;
         loop {
             let (addr, len, flags, next) = self.read_desc(index);
             if flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::Indirect);
             }
             let writable = flags & VIRTQ_DESC_F_WRITE != 0;
-            if writable != (dir == Direction::Writable) {
+            let direction_ok = match dir {
+                Direction::Readable => !writable,
+                Direction::Writable => writable,
+                // Readable buffers all come before writable ones.
+                Direction::Mixed => writable || !seen_writable,
+            };
+            if !direction_ok {
                 return Err(ChainError::WrongDirection);
             }
+            seen_writable |= writable;
             if len > 0 {
                 let total = out.total.checked_add(len).ok_or(ChainError::TooBig)?;
                 if total > max_total {
@@ -411,7 +424,7 @@ impl Vring {
                     .mem
                     .translate(addr, u64::from(len))
                     .ok_or(ChainError::BadAddress)?;
-                out.segs[out.nsegs] = Seg { ptr, len };
+                out.segs[out.nsegs] = Seg { ptr, len, writable };
                 out.nsegs += 1;
                 out.total = total;
             }

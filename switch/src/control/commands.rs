@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use super::{ControlError, PROTOCOL_VERSION};
 use crate::config::ConfigError;
 use crate::daemon::{mac_string, Switch, SwitchError};
+use crate::disk::DiskSpec;
 use crate::port::{PortChanges, PortError, PortMode, PortSpec, PortTable};
 
 /// Every command, for `switch.info`. `events.subscribe` is served by the
@@ -21,6 +22,12 @@ pub const COMMANDS: &[&str] = &[
     "port.list",
     "port.show",
     "port.stats",
+    "disk.add",
+    "disk.del",
+    "disk.list",
+    "disk.show",
+    "disk.stats",
+    "disk.resize",
     "fdb.show",
     "fdb.flush",
     "fdb.add",
@@ -41,6 +48,9 @@ pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlErr
         "port.list" => return port_list(sw, parse(args)?),
         "port.show" => return port_show(sw, parse(args)?),
         "port.stats" => return port_stats(sw, parse(args)?),
+        "disk.list" => return disk_list(sw, parse(args)?),
+        "disk.show" => return disk_show(sw, parse(args)?),
+        "disk.stats" => return disk_stats(sw, parse(args)?),
         "fdb.show" => return fdb_show(sw, parse(args)?),
         "fdb.flush" => return fdb_flush(sw, parse(args)?),
         "worker.list" => return worker_list(sw, parse(args)?),
@@ -49,6 +59,9 @@ pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlErr
         "port.add" => port_add(sw, parse(args)?),
         "port.del" => port_del(sw, parse(args)?),
         "port.set" => port_set(sw, parse(args)?),
+        "disk.add" => disk_add(sw, parse(args)?),
+        "disk.del" => disk_del(sw, parse(args)?),
+        "disk.resize" => disk_resize(sw, parse(args)?),
         "fdb.add" => fdb_add(sw, parse(args)?),
         "fdb.del" => fdb_del(sw, parse(args)?),
         "worker.move" => worker_move(sw, parse(args)?),
@@ -91,6 +104,16 @@ impl From<PortError> for ControlError {
                 "socket_error"
             }
             PortError::TooManyPorts => "limit",
+            PortError::IsADisk(_) | PortError::NotADisk(_) => "wrong_kind",
+            PortError::Disk(crate::disk::DiskError::Backing(b)) => match b {
+                crate::blk::BackingError::Missing(_) => "not_found",
+                crate::blk::BackingError::Permission { .. } => "permission_denied",
+                crate::blk::BackingError::Open { .. }
+                | crate::blk::BackingError::Size { .. }
+                | crate::blk::BackingError::Resize { .. } => "io_error",
+                _ => "invalid_argument",
+            },
+            PortError::Disk(_) => "invalid_argument",
             PortError::Dataplane(crate::dataplane::DataplaneError::NoSuchWorker(..)) => {
                 "invalid_argument"
             }
@@ -171,7 +194,7 @@ fn switch_info(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
         "run_dir": sw.run_dir(),
         "workers": sw.dataplane().worker_count(),
         "ports": sw.ports().iter().count(),
-        "features": ["net", "client-mode", "persistence", "events", "access-control"],
+        "features": ["net", "blk", "client-mode", "persistence", "events", "access-control"],
         "commands": super::commands::COMMANDS,
     }))
 }
@@ -198,7 +221,18 @@ fn port_add(sw: &Switch, a: PortAddArgs) -> Result<Value, ControlError> {
     Ok(json!(info))
 }
 
+/// The port `name`, refused if it is a disk.
+fn net_port(ports: &PortTable, name: &str) -> Result<(), PortError> {
+    if ports.get(name)?.disk().is_some() {
+        return Err(PortError::IsADisk(name.to_string()));
+    }
+    Ok(())
+}
+
 fn port_del(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    if !sw.is_unrestored(&a.name) {
+        net_port(&sw.ports(), &a.name)?;
+    }
     if sw.is_unrestored(&a.name) {
         // A saved port that could not be restored: forget it.
         sw.settle_port_name(&a.name);
@@ -218,16 +252,23 @@ struct PortSetArgs {
 }
 
 fn port_set(sw: &Switch, a: PortSetArgs) -> Result<Value, ControlError> {
-    Ok(json!(sw.ports().set(&a.name, a.changes)?))
+    let mut ports = sw.ports();
+    net_port(&ports, &a.name)?;
+    Ok(json!(ports.set(&a.name, a.changes)?))
 }
 
 fn port_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
     let ports = sw.ports();
-    Ok(json!(ports.iter().map(PortTable::info).collect::<Vec<_>>()))
+    Ok(json!(ports
+        .iter()
+        .filter(|p| p.disk().is_none())
+        .map(PortTable::info)
+        .collect::<Vec<_>>()))
 }
 
 fn port_show(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
     let ports = sw.ports();
+    net_port(&ports, &a.name)?;
     let p = ports.get(&a.name)?;
     let mut v = json!(PortTable::info(p));
     v["stats"] = json!(p.stats.snapshot());
@@ -237,14 +278,144 @@ fn port_show(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
 fn port_stats(sw: &Switch, a: OptNameArg) -> Result<Value, ControlError> {
     let ports = sw.ports();
     match a.name {
-        Some(n) => Ok(json!(ports.get(&n)?.stats.snapshot())),
+        Some(n) => {
+            net_port(&ports, &n)?;
+            Ok(json!(ports.get(&n)?.stats.snapshot()))
+        }
         None => Ok(Value::Object(
             ports
                 .iter()
+                .filter(|p| p.disk().is_none())
                 .map(|p| (p.spec.name.clone(), json!(p.stats.snapshot())))
                 .collect(),
         )),
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskAddArgs {
+    name: String,
+    path: PathBuf,
+    #[serde(default)]
+    socket: Option<PathBuf>,
+    #[serde(default)]
+    mode: Option<PortMode>,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    direct: bool,
+    #[serde(default)]
+    serial: Option<String>,
+    #[serde(default)]
+    queues: Option<u16>,
+    #[serde(default)]
+    queue_size: Option<u16>,
+    #[serde(default)]
+    block_size: Option<u32>,
+    #[serde(default)]
+    worker: Option<usize>,
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    perm: Option<String>,
+}
+
+fn disk_add(sw: &Switch, a: DiskAddArgs) -> Result<Value, ControlError> {
+    crate::port::validate_name(&a.name)?;
+    let socket = a
+        .socket
+        .unwrap_or_else(|| sw.run_dir().join(format!("{}.sock", a.name)));
+    let defaults = DiskSpec::new(&a.name, a.path, socket);
+    let spec = DiskSpec {
+        mode: a.mode.unwrap_or_default(),
+        readonly: a.readonly,
+        direct: a.direct,
+        serial: a.serial,
+        queues: a.queues.unwrap_or(defaults.queues),
+        queue_size: a.queue_size.unwrap_or(defaults.queue_size),
+        block_size: a.block_size.unwrap_or(defaults.block_size),
+        worker: a.worker,
+        owner: a.owner,
+        group: a.group,
+        perm: a.perm,
+        ..defaults
+    };
+    let info = sw.ports().add_disk(spec)?;
+    sw.settle_port_name(&info.name);
+    Ok(json!(info))
+}
+
+/// The disk `name`, refused if it is a net port.
+fn disk_port<'a>(ports: &'a PortTable, name: &str) -> Result<&'a crate::port::Port, PortError> {
+    let p = ports.get(name)?;
+    if p.disk().is_none() {
+        return Err(PortError::NotADisk(name.to_string()));
+    }
+    Ok(p)
+}
+
+fn disk_del(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    if sw.is_unrestored(&a.name) {
+        sw.settle_port_name(&a.name);
+        return Ok(json!({}));
+    }
+    let mut ports = sw.ports();
+    disk_port(&ports, &a.name)?;
+    ports.remove(&a.name)?;
+    Ok(json!({}))
+}
+
+fn disk_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
+    let ports = sw.ports();
+    Ok(json!(ports
+        .iter()
+        .filter_map(PortTable::disk_info)
+        .collect::<Vec<_>>()))
+}
+
+fn disk_show(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    let ports = sw.ports();
+    let p = disk_port(&ports, &a.name)?;
+    let mut v = json!(PortTable::disk_info(p));
+    v["stats"] = json!(ports.disk_stats(&a.name)?.snapshot());
+    Ok(v)
+}
+
+fn disk_stats(sw: &Switch, a: OptNameArg) -> Result<Value, ControlError> {
+    let ports = sw.ports();
+    match a.name {
+        Some(n) => Ok(json!(ports.disk_stats(&n)?.snapshot())),
+        None => Ok(Value::Object(
+            ports
+                .iter()
+                .filter_map(|p| {
+                    p.disk()
+                        .map(|d| (p.spec.name.clone(), json!(d.disk.stats.snapshot())))
+                })
+                .collect(),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiskResizeArgs {
+    name: String,
+    /// New size in bytes (files); absent: re-read the size (block devices,
+    /// or a file grown by someone else).
+    #[serde(default)]
+    size: Option<u64>,
+    /// Allow making the disk smaller.
+    #[serde(default)]
+    shrink: bool,
+}
+
+fn disk_resize(sw: &Switch, a: DiskResizeArgs) -> Result<Value, ControlError> {
+    let size = sw.ports().resize_disk(&a.name, a.size, a.shrink)?;
+    Ok(json!({ "size": size }))
 }
 
 #[derive(Deserialize)]

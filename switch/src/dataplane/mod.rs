@@ -6,6 +6,7 @@
 //! quiescent. Frames for a port owned by another worker go through that
 //! worker's bounded lock-free [`Mailbox`].
 
+mod blk;
 mod net;
 mod worker;
 
@@ -18,6 +19,7 @@ use crossbeam_channel::{bounded, Sender};
 use crossbeam_queue::ArrayQueue;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::blk::Disk;
 use crate::fdb::{Fdb, PortIdx};
 use crate::mem::GuestMemory;
 use crate::stats::{PortStats, WorkerStats};
@@ -57,8 +59,12 @@ pub enum DataplaneError {
     NotAttached(PortIdx),
     #[error("queue {0} does not exist on this port")]
     NoSuchQueue(u16),
+    #[error("queue {0} still has requests in flight")]
+    QueueBusy(u16),
     #[error("cannot start ring: {0}")]
     Ring(#[from] RingSetupError),
+    #[error("cannot set up disk I/O: {0}")]
+    Io(#[from] crate::io_engine::IoEngineError),
 }
 
 /// What a worker needs to start one ring.
@@ -90,6 +96,34 @@ impl NetFeatures {
     }
 }
 
+/// Negotiated features of a disk a worker needs to know.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskFeatures {
+    pub event_idx: bool,
+}
+
+/// Negotiated features, by device type.
+#[derive(Debug, Clone, Copy)]
+enum Features {
+    Net(NetFeatures),
+    Disk(DiskFeatures),
+}
+
+/// What a port attached to a worker is.
+enum Device {
+    Net {
+        stats: Arc<PortStats>,
+        settings: PortSettings,
+    },
+    Disk(Arc<Disk>),
+}
+
+/// A port on its way from one worker to another, rings running.
+enum Moving {
+    Net(Box<net::NetPort>),
+    Disk(Box<blk::DiskPort>),
+}
+
 /// Per-port settings the dataplane applies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PortSettings {
@@ -111,8 +145,7 @@ impl PortSettings {
 enum Command {
     Attach {
         idx: PortIdx,
-        stats: Arc<PortStats>,
-        settings: PortSettings,
+        device: Device,
         reply: Sender<Result<(), DataplaneError>>,
     },
     Detach {
@@ -121,7 +154,7 @@ enum Command {
     },
     Features {
         idx: PortIdx,
-        features: NetFeatures,
+        features: Features,
         reply: Sender<Result<(), DataplaneError>>,
     },
     Memory {
@@ -151,10 +184,11 @@ enum Command {
         settings: PortSettings,
         reply: Sender<Result<(), DataplaneError>>,
     },
-    /// Hand the port, rings and all, to the caller (to move it).
+    /// Hand the port, rings and all, to the caller (to move it). A disk is
+    /// handed over once its requests in flight have finished.
     Release {
         idx: PortIdx,
-        reply: Sender<Result<Box<net::NetPort>, DataplaneError>>,
+        reply: Sender<Result<Moving, DataplaneError>>,
     },
     /// Answer once between two batches: after it, the worker acts on what
     /// the shared state said when the barrier was sent.
@@ -163,7 +197,7 @@ enum Command {
     },
     /// Take over a port another worker released.
     Adopt {
-        port: Box<net::NetPort>,
+        port: Moving,
         reply: Sender<Result<(), DataplaneError>>,
     },
     Shutdown,
@@ -404,7 +438,7 @@ impl Dataplane {
         self.call(worker, |reply| Command::Adopt { port, reply })
     }
 
-    /// Give a port to a worker. The port has no rings until queues are started.
+    /// Give a net port to a worker. The port has no rings until queues are started.
     pub fn attach(
         &self,
         idx: PortIdx,
@@ -412,23 +446,38 @@ impl Dataplane {
         stats: Arc<PortStats>,
         settings: PortSettings,
     ) -> Result<(), DataplaneError> {
+        self.attach_device(idx, worker, Device::Net { stats, settings })
+    }
+
+    /// Give a disk to a worker. It has no rings until queues are started.
+    pub fn attach_disk(
+        &self,
+        idx: PortIdx,
+        worker: usize,
+        disk: Arc<Disk>,
+    ) -> Result<(), DataplaneError> {
+        self.attach_device(idx, worker, Device::Disk(disk))
+    }
+
+    fn attach_device(
+        &self,
+        idx: PortIdx,
+        worker: usize,
+        device: Device,
+    ) -> Result<(), DataplaneError> {
         if worker >= self.workers.len() {
             return Err(DataplaneError::NoSuchWorker(worker, self.workers.len()));
         }
         let _g = self.lock();
-        self.call(worker, |reply| Command::Attach {
-            idx,
-            stats,
-            settings,
-            reply,
-        })?;
+        self.call(worker, |reply| Command::Attach { idx, device, reply })?;
         self.shared.owner[usize::from(idx)].store(worker as u16, Ordering::Release);
         Ok(())
     }
 
     /// Take a port away from its worker. When this returns, the worker no
     /// longer touches the port's rings or memory, and its learnt FDB entries
-    /// are gone (static ones stay: they outlive a guest's reconnects).
+    /// are gone (static ones stay: they outlive a guest's reconnects). A
+    /// disk's requests in flight finish (and are answered) first.
     pub fn detach(&self, idx: PortIdx) -> Result<(), DataplaneError> {
         let _g = self.lock();
         let worker = self.owner_of(idx)?;
@@ -438,11 +487,24 @@ impl Dataplane {
         res
     }
 
-    /// Tell the worker the negotiated features.
+    /// Tell the worker a net port's negotiated features.
     pub fn set_features(&self, idx: PortIdx, features: NetFeatures) -> Result<(), DataplaneError> {
         self.call_port(idx, |reply| Command::Features {
             idx,
-            features,
+            features: Features::Net(features),
+            reply,
+        })
+    }
+
+    /// Tell the worker a disk's negotiated features.
+    pub fn set_disk_features(
+        &self,
+        idx: PortIdx,
+        features: DiskFeatures,
+    ) -> Result<(), DataplaneError> {
+        self.call_port(idx, |reply| Command::Features {
+            idx,
+            features: Features::Disk(features),
             reply,
         })
     }
@@ -467,7 +529,9 @@ impl Dataplane {
         })
     }
 
-    /// Stop a ring; returns its next avail index if it was running.
+    /// Stop a ring; returns its next avail index if it was running. A disk
+    /// queue stops taking requests at once and stops once those in flight
+    /// have been answered.
     pub fn stop_queue(&self, idx: PortIdx, queue: u16) -> Result<Option<u16>, DataplaneError> {
         self.call_port(idx, |reply| Command::StopQueue { idx, queue, reply })
     }

@@ -346,6 +346,7 @@ fn deliver(
     let hdr_seg = [Seg {
         ptr: hdr.as_mut_ptr(),
         len: hdr_len,
+        writable: false,
     }];
     let mut hdr_cur = Cursor::new(&hdr_seg, 0);
     let mut src_cur = Cursor::new(src, skip);
@@ -622,6 +623,7 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
     let seg = [Seg {
         ptr: frame.buf.as_ptr() as *mut u8,
         len: frame.len,
+        writable: false,
     }];
     let eth = eth_header(&seg, 0);
     let f = FrameRef {
@@ -669,6 +671,7 @@ mod tests {
             .map(|b| Seg {
                 ptr: b.as_mut_ptr(),
                 len: b.len() as u32,
+                writable: false,
             })
             .collect()
     }

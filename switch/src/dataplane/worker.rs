@@ -9,9 +9,16 @@ use crossbeam_channel::Receiver;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crossbeam_channel::Sender;
+
+use super::blk::{self, BlkScratch, DiskPort, DiskQueue};
 use super::net::{self, Ctx, NetPort, Scratch, NOT_LOCAL};
-use super::{Command, DataplaneError, Shared, MAX_PORTS, MAX_QUEUE_PAIRS};
+use super::{
+    Command, DataplaneError, Device, Features, Moving, Shared, MAX_PORTS, MAX_QUEUE_PAIRS,
+};
+use crate::blk::MAX_DISK_QUEUES;
 use crate::fdb::PortIdx;
+use crate::io_engine::{EngineKind, IoEngine};
 use crate::stats::WorkerStats;
 use crate::vring::Vring;
 
@@ -22,6 +29,8 @@ pub struct WorkerConfig {
     pub batch: u16,
     /// How long a worker keeps polling after its last work before it sleeps.
     pub idle_poll: Duration,
+    /// The disk I/O engine.
+    pub io_engine: EngineKind,
 }
 
 impl Default for WorkerConfig {
@@ -29,17 +38,21 @@ impl Default for WorkerConfig {
         WorkerConfig {
             batch: 32,
             idle_poll: Duration::from_micros(200),
+            io_engine: EngineKind::Auto,
         }
     }
 }
 
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_MAILBOX: u64 = 1;
+const TOKEN_IO: u64 = 2;
 const TOKEN_KICK: u64 = 1 << 32;
 /// Frames taken from the mailbox per loop iteration.
 const MAILBOX_BATCH: usize = 256;
 /// Busy time is published at least this often.
 const STATS_PERIOD: Duration = Duration::from_millis(100);
+/// How long a stopping worker waits for disk I/O in flight.
+const SHUTDOWN_IO_WAIT: Duration = Duration::from_secs(5);
 
 fn kick_token(idx: PortIdx, queue: usize) -> u64 {
     TOKEN_KICK | u64::from(idx) << 16 | queue as u64
@@ -59,6 +72,40 @@ pub(crate) struct Worker {
     dirty: Vec<u16>,
     /// Frames for a port moving to this worker that came before the port.
     parked: std::collections::VecDeque<super::Frame>,
+    disks: Vec<DiskPort>,
+    /// Port index → position in `disks`, or [`NOT_LOCAL`].
+    disk_local: Box<[u16]>,
+    /// Set up when the first disk arrives.
+    engine: Option<IoEngine>,
+    blk_scratch: Box<BlkScratch>,
+    /// Generation of the next disk attached here.
+    next_gen: u16,
+    /// Disk commands waiting for requests in flight to finish.
+    deferred: Vec<Deferred>,
+}
+
+/// Where a port is on this worker.
+#[derive(Debug, Clone, Copy)]
+enum Local {
+    Net(usize),
+    Disk(usize),
+}
+
+/// A command answered once a disk's requests in flight have finished.
+enum Deferred {
+    Stop {
+        idx: PortIdx,
+        queue: usize,
+        reply: Sender<Result<Option<u16>, DataplaneError>>,
+    },
+    Detach {
+        idx: PortIdx,
+        reply: Sender<Result<(), DataplaneError>>,
+    },
+    Release {
+        idx: PortIdx,
+        reply: Sender<Result<Moving, DataplaneError>>,
+    },
 }
 
 impl Worker {
@@ -94,6 +141,12 @@ impl Worker {
             scratch: Scratch::new(),
             dirty: Vec::with_capacity(MAX_PORTS),
             parked: std::collections::VecDeque::with_capacity(super::MAILBOX_DEPTH),
+            disks: Vec::new(),
+            disk_local: vec![NOT_LOCAL; MAX_PORTS].into_boxed_slice(),
+            engine: None,
+            blk_scratch: BlkScratch::new(),
+            next_gen: 0,
+            deferred: Vec::new(),
         })
     }
 
@@ -103,6 +156,7 @@ impl Worker {
         let mut busy_since = last_work;
         loop {
             if !self.handle_commands() {
+                self.drain_io();
                 return;
             }
             let now = Instant::now();
@@ -156,7 +210,100 @@ impl Worker {
         work += mailbox_pass(&mut self.ports, &mut self.parked, &mut ctx, MAILBOX_BATCH);
         let wake = ctx.remote_wake;
         self.flush(wake);
+        work + self.poll_disks()
+    }
+
+    /// Collect finished disk I/O, answer it, take new requests and start
+    /// their I/O. Returns the requests taken and answered.
+    fn poll_disks(&mut self) -> usize {
+        let Some(engine) = self.engine.as_mut() else {
+            return 0;
+        };
+        let (disks, local) = (&mut self.disks, &self.disk_local);
+        let mut work = engine.reap(|c| {
+            let (gen, idx, q, slot) = blk::split_user_data(c.user_data);
+            match local.get(usize::from(idx)) {
+                Some(&pos) if pos != NOT_LOCAL && disks[usize::from(pos)].gen == gen => {
+                    disks[usize::from(pos)].complete(q, slot, c.result)
+                }
+                // Every disk leaves only once idle: a stray completion is a bug.
+                _ => log::error!("I/O completion for unknown disk port {idx} (generation {gen})"),
+            }
+        });
+        for d in &mut self.disks {
+            work += d.poll(engine, &mut self.blk_scratch, self.config.batch);
+        }
+        engine.submit();
+        for d in &mut self.disks {
+            d.publish();
+        }
+        if !self.deferred.is_empty() {
+            self.run_deferred();
+        }
         work
+    }
+
+    /// Answer the deferred disk commands whose disk has become idle.
+    fn run_deferred(&mut self) {
+        let waiting = std::mem::take(&mut self.deferred);
+        for d in waiting {
+            match d {
+                Deferred::Stop { idx, queue, reply } => match self.disk_pos(idx) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(pos) => {
+                        let idle = self.disks[pos].queues[queue]
+                            .as_ref()
+                            .is_none_or(|q| q.in_flight() == 0);
+                        if idle {
+                            let _ = reply.send(Ok(self.stop_disk_queue(pos, queue)));
+                        } else {
+                            self.deferred.push(Deferred::Stop { idx, queue, reply });
+                        }
+                    }
+                },
+                Deferred::Detach { idx, reply } => match self.disk_pos(idx) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(pos) if self.disks[pos].idle() => {
+                        self.remove_disk(pos);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Ok(_) => self.deferred.push(Deferred::Detach { idx, reply }),
+                },
+                Deferred::Release { idx, reply } => match self.disk_pos(idx) {
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Ok(pos) if self.disks[pos].idle() => {
+                        let d = self.release_disk(pos);
+                        let _ = reply.send(Ok(Moving::Disk(Box::new(d))));
+                    }
+                    Ok(_) => self.deferred.push(Deferred::Release { idx, reply }),
+                },
+            }
+        }
+    }
+
+    /// Before the thread ends: let disk I/O in flight finish (bounded), so
+    /// the kernel never writes into memory that is unmapped after it.
+    fn drain_io(&mut self) {
+        let deadline = Instant::now() + SHUTDOWN_IO_WAIT;
+        for d in &mut self.disks {
+            d.quiescing = true;
+        }
+        while self.engine.as_ref().is_some_and(|e| e.in_flight() > 0) {
+            if Instant::now() >= deadline {
+                log::error!("worker {}: disk I/O still in flight at shutdown", self.id);
+                // Leak what the kernel may still write into rather than unmap it.
+                std::mem::forget(std::mem::take(&mut self.disks));
+                return;
+            }
+            self.poll_disks();
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
     /// Publish the RX used entries written and wake the workers sent frames.
@@ -205,7 +352,14 @@ impl Worker {
                 pending |= r.avail_pending() != Ok(0);
             }
         }
+        for d in self.disks.iter_mut().filter(|d| !d.broken && !d.quiescing) {
+            for q in d.queues.iter_mut().flatten() {
+                q.ring.enable_notification();
+                pending |= q.ring.avail_pending() != Ok(0);
+            }
+        }
         pending |= !mb.frames.is_empty() || !self.commands.is_empty();
+        pending |= self.engine.as_mut().is_some_and(|e| e.has_completions());
         if !pending {
             let mut events = [EpollEvent::default(); 64];
             match self.epoll.wait(1000, &mut events) {
@@ -224,17 +378,32 @@ impl Worker {
                 r.disable_notification();
             }
         }
+        for d in &mut self.disks {
+            for q in d.queues.iter_mut().flatten() {
+                q.ring.disable_notification();
+            }
+        }
     }
 
     fn consume_event(&mut self, token: u64) {
         let fd = match token {
             TOKEN_WAKE => Some(&self.wake),
             TOKEN_MAILBOX => Some(&self.shared.mailboxes[self.id].wake),
+            TOKEN_IO => {
+                if let Some(e) = &self.engine {
+                    e.clear_notify();
+                }
+                None
+            }
             t => {
                 let idx = ((t >> 16) & 0xffff) as usize;
                 let q = (t & 0xffff) as usize;
-                match self.local.get(idx) {
-                    Some(&pos) if pos != NOT_LOCAL => self.ports[usize::from(pos)]
+                match (self.local.get(idx), self.disk_local.get(idx)) {
+                    (Some(&pos), _) if pos != NOT_LOCAL => self.ports[usize::from(pos)]
+                        .kicks
+                        .get(q)
+                        .and_then(|k| k.as_ref()),
+                    (_, Some(&pos)) if pos != NOT_LOCAL => self.disks[usize::from(pos)]
                         .kicks
                         .get(q)
                         .and_then(|k| k.as_ref()),
@@ -265,70 +434,64 @@ impl Worker {
         }
     }
 
+    fn disk_pos(&self, idx: PortIdx) -> Result<usize, DataplaneError> {
+        match self.disk_local.get(usize::from(idx)) {
+            Some(&pos) if pos != NOT_LOCAL => Ok(usize::from(pos)),
+            _ => Err(DataplaneError::NotAttached(idx)),
+        }
+    }
+
+    /// Which kind of port `idx` is here, and where.
+    fn find(&self, idx: PortIdx) -> Result<Local, DataplaneError> {
+        self.port_pos(idx)
+            .map(Local::Net)
+            .or_else(|_| self.disk_pos(idx).map(Local::Disk))
+    }
+
     fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Shutdown => return false,
-            Command::Attach {
-                idx,
-                stats,
-                settings,
-                reply,
-            } => {
-                let res = if self.port_pos(idx).is_ok() {
-                    Ok(())
-                } else {
-                    self.local[usize::from(idx)] = self.ports.len() as u16;
-                    self.ports.push(NetPort::new(
-                        idx,
-                        stats,
-                        settings,
-                        self.shared.faults.clone(),
-                    ));
-                    Ok(())
-                };
+            Command::Attach { idx, device, reply } => {
+                let res = self.attach(idx, device);
                 let _ = reply.send(res);
             }
-            Command::Detach { idx, reply } => {
-                let res = self.port_pos(idx).map(|pos| self.remove_port(pos));
-                let _ = reply.send(res);
-            }
+            Command::Detach { idx, reply } => match self.find(idx) {
+                Ok(Local::Net(pos)) => {
+                    self.remove_port(pos);
+                    let _ = reply.send(Ok(()));
+                }
+                Ok(Local::Disk(pos)) => {
+                    self.disks[pos].quiescing = true;
+                    self.deferred.push(Deferred::Detach { idx, reply });
+                    self.run_deferred();
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::Features {
                 idx,
                 features,
                 reply,
             } => {
-                let res = self.port_pos(idx).map(|pos| {
-                    let p = &mut self.ports[pos];
-                    p.features = features;
-                    p.hdr_len = features.hdr_len() as u32;
-                });
+                let res = match (self.find(idx), features) {
+                    (Ok(Local::Net(pos)), Features::Net(f)) => {
+                        let p = &mut self.ports[pos];
+                        p.features = f;
+                        p.hdr_len = f.hdr_len() as u32;
+                        Ok(())
+                    }
+                    (Ok(Local::Disk(pos)), Features::Disk(f)) => {
+                        self.disks[pos].event_idx = f.event_idx;
+                        Ok(())
+                    }
+                    (Ok(_), _) => Err(DataplaneError::NotAttached(idx)),
+                    (Err(e), _) => Err(e),
+                };
                 let _ = reply.send(res);
             }
             Command::Memory { idx, mem, reply } => {
-                let res = self.port_pos(idx).map(|pos| {
-                    let p = &mut self.ports[pos];
-                    p.mem = mem.clone();
-                    let mut failed = Vec::new();
-                    for (q, r) in p.rx.iter_mut().enumerate() {
-                        if let Some(ring) = r {
-                            if ring.remap(mem.clone()).is_err() {
-                                failed.push(2 * q);
-                            }
-                        }
-                    }
-                    for (q, r) in p.tx.iter_mut().enumerate() {
-                        if let Some(ring) = r {
-                            if ring.remap(mem.clone()).is_err() {
-                                failed.push(2 * q + 1);
-                            }
-                        }
-                    }
-                    if !failed.is_empty() {
-                        p.mark_broken(&format!(
-                            "queues {failed:?} lie outside the new memory table"
-                        ));
-                    }
-                });
+                let res = self.find(idx).map(|l| self.set_memory(l, mem));
                 let _ = reply.send(res);
             }
             Command::StartQueue {
@@ -341,10 +504,27 @@ impl Worker {
                 let _ = reply.send(res);
             }
             Command::StopQueue { idx, queue, reply } => {
-                let res = self
-                    .port_pos(idx)
-                    .map(|pos| self.stop_queue(pos, usize::from(queue)));
-                let _ = reply.send(res);
+                let q = usize::from(queue);
+                match self.find(idx) {
+                    Ok(Local::Net(pos)) => {
+                        let _ = reply.send(Ok(self.stop_queue(pos, q)));
+                    }
+                    Ok(Local::Disk(_)) if q >= MAX_DISK_QUEUES => {
+                        let _ = reply.send(Err(DataplaneError::NoSuchQueue(queue)));
+                    }
+                    Ok(Local::Disk(pos)) => {
+                        self.disks[pos].stopping |= 1 << q;
+                        self.deferred.push(Deferred::Stop {
+                            idx,
+                            queue: q,
+                            reply,
+                        });
+                        self.run_deferred();
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::SetCall {
                 idx,
@@ -352,28 +532,52 @@ impl Worker {
                 call,
                 reply,
             } => {
-                let res = self.port_pos(idx).and_then(|pos| {
-                    let q = usize::from(queue);
-                    if q >= 2 * MAX_QUEUE_PAIRS {
-                        return Err(DataplaneError::NoSuchQueue(queue));
+                let q = usize::from(queue);
+                let res = match self.find(idx) {
+                    Ok(Local::Net(_)) if q >= 2 * MAX_QUEUE_PAIRS => {
+                        Err(DataplaneError::NoSuchQueue(queue))
                     }
-                    let p = &mut self.ports[pos];
-                    let ring = if q % 2 == 0 {
-                        &mut p.rx[q / 2]
-                    } else {
-                        &mut p.tx[q / 2]
-                    };
-                    if let Some(r) = ring {
-                        r.set_call(call);
+                    Ok(Local::Net(pos)) => {
+                        let p = &mut self.ports[pos];
+                        let ring = if q % 2 == 0 {
+                            &mut p.rx[q / 2]
+                        } else {
+                            &mut p.tx[q / 2]
+                        };
+                        if let Some(r) = ring {
+                            r.set_call(call);
+                        }
+                        Ok(())
                     }
-                    Ok(())
-                });
+                    Ok(Local::Disk(pos)) => match self.disks[pos].queues.get_mut(q) {
+                        None => Err(DataplaneError::NoSuchQueue(queue)),
+                        Some(dq) => {
+                            if let Some(dq) = dq {
+                                dq.ring.set_call(call);
+                            }
+                            Ok(())
+                        }
+                    },
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(res);
             }
             Command::Release { idx, reply } => {
                 self.drain_mailbox();
-                let res = self.port_pos(idx).map(|pos| self.release_port(pos));
-                let _ = reply.send(res);
+                match self.find(idx) {
+                    Ok(Local::Net(pos)) => {
+                        let p = self.release_port(pos);
+                        let _ = reply.send(Ok(Moving::Net(Box::new(p))));
+                    }
+                    Ok(Local::Disk(pos)) => {
+                        self.disks[pos].quiescing = true;
+                        self.deferred.push(Deferred::Release { idx, reply });
+                        self.run_deferred();
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             Command::Barrier { reply } => {
                 let _ = reply.send(Ok(()));
@@ -383,7 +587,10 @@ impl Worker {
                 // for the port, and those it sent from its old worker to
                 // ports here (all in the mailbox by now), so that its flows
                 // stay in order both ways.
-                let res = self.adopt_port(port);
+                let res = match port {
+                    Moving::Net(p) => self.adopt_port(*p),
+                    Moving::Disk(d) => self.adopt_disk(*d),
+                };
                 self.drain_mailbox();
                 let _ = reply.send(res);
             }
@@ -392,13 +599,104 @@ impl Worker {
                 settings,
                 reply,
             } => {
-                let res = self
-                    .port_pos(idx)
-                    .map(|pos| self.ports[pos].settings = settings);
+                let res = match self.find(idx) {
+                    Ok(Local::Net(pos)) => {
+                        self.ports[pos].settings = settings;
+                        Ok(())
+                    }
+                    Ok(Local::Disk(_)) => Ok(()),
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(res);
             }
         }
         true
+    }
+
+    fn attach(&mut self, idx: PortIdx, device: Device) -> Result<(), DataplaneError> {
+        if self.find(idx).is_ok() {
+            return Ok(());
+        }
+        match device {
+            Device::Net { stats, settings } => {
+                self.local[usize::from(idx)] = self.ports.len() as u16;
+                self.ports.push(NetPort::new(
+                    idx,
+                    stats,
+                    settings,
+                    self.shared.faults.clone(),
+                ));
+            }
+            Device::Disk(disk) => {
+                self.ensure_engine()?;
+                let gen = self.next_gen;
+                self.next_gen = self.next_gen.wrapping_add(1);
+                self.disk_local[usize::from(idx)] = self.disks.len() as u16;
+                self.disks
+                    .push(DiskPort::new(idx, gen, disk, self.shared.faults.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Set up the I/O engine when the first disk arrives.
+    fn ensure_engine(&mut self) -> Result<(), DataplaneError> {
+        if self.engine.is_none() {
+            let engine = IoEngine::new(self.config.io_engine)?;
+            self.epoll.ctl(
+                ControlOperation::Add,
+                engine.notify_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_IO),
+            )?;
+            log::info!("worker {}: disk I/O through {}", self.id, engine.name());
+            self.engine = Some(engine);
+        }
+        Ok(())
+    }
+
+    fn set_memory(&mut self, l: Local, mem: Arc<crate::mem::GuestMemory>) {
+        let mut failed = Vec::new();
+        match l {
+            Local::Net(pos) => {
+                let p = &mut self.ports[pos];
+                p.mem = mem.clone();
+                for (q, r) in p.rx.iter_mut().enumerate() {
+                    if let Some(ring) = r {
+                        if ring.remap(mem.clone()).is_err() {
+                            failed.push(2 * q);
+                        }
+                    }
+                }
+                for (q, r) in p.tx.iter_mut().enumerate() {
+                    if let Some(ring) = r {
+                        if ring.remap(mem.clone()).is_err() {
+                            failed.push(2 * q + 1);
+                        }
+                    }
+                }
+                if !failed.is_empty() {
+                    p.mark_broken(&format!(
+                        "queues {failed:?} lie outside the new memory table"
+                    ));
+                }
+            }
+            Local::Disk(pos) => {
+                let d = &mut self.disks[pos];
+                d.mem = mem.clone();
+                for (q, dq) in d.queues.iter_mut().enumerate() {
+                    if let Some(dq) = dq {
+                        if dq.ring.remap(mem.clone()).is_err() {
+                            failed.push(q);
+                        }
+                    }
+                }
+                if !failed.is_empty() {
+                    d.mark_broken(&format!(
+                        "queues {failed:?} lie outside the new memory table"
+                    ));
+                }
+            }
+        }
     }
 
     fn start_queue(
@@ -407,7 +705,10 @@ impl Worker {
         q: usize,
         setup: super::QueueSetup,
     ) -> Result<(), DataplaneError> {
-        let pos = self.port_pos(idx)?;
+        let pos = match self.find(idx)? {
+            Local::Net(pos) => pos,
+            Local::Disk(pos) => return self.start_disk_queue(pos, q, setup),
+        };
         if q >= 2 * MAX_QUEUE_PAIRS {
             return Err(DataplaneError::NoSuchQueue(q as u16));
         }
@@ -441,6 +742,120 @@ impl Worker {
         Ok(())
     }
 
+    fn start_disk_queue(
+        &mut self,
+        pos: usize,
+        q: usize,
+        setup: super::QueueSetup,
+    ) -> Result<(), DataplaneError> {
+        if q >= MAX_DISK_QUEUES {
+            return Err(DataplaneError::NoSuchQueue(q as u16));
+        }
+        if self.disks[pos].queues[q]
+            .as_ref()
+            .is_some_and(|dq| dq.in_flight() > 0)
+        {
+            return Err(DataplaneError::QueueBusy(q as u16));
+        }
+        self.stop_disk_queue(pos, q);
+        let d = &mut self.disks[pos];
+        let mut ring = Vring::new(
+            d.mem.clone(),
+            setup.size,
+            setup.addrs,
+            setup.base,
+            d.event_idx,
+            setup.call,
+        )?;
+        ring.disable_notification();
+        d.broken = false;
+        d.disk.stats.set_broken(false);
+        d.queues[q] = Some(DiskQueue::new(ring));
+        if let Some(kick) = setup.kick {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(&kick),
+                EpollEvent::new(EventSet::IN, kick_token(d.idx, q)),
+            )?;
+            d.kicks[q] = Some(kick);
+        }
+        Ok(())
+    }
+
+    /// Stop disk queue `q` (idle) of the disk at `pos`; returns its next avail index.
+    fn stop_disk_queue(&mut self, pos: usize, q: usize) -> Option<u16> {
+        let d = self.disks.get_mut(pos)?;
+        if let Some(kick) = d.kicks.get_mut(q)?.take() {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                std::os::fd::AsRawFd::as_raw_fd(&kick),
+                EpollEvent::default(),
+            );
+        }
+        d.take_queue(q)
+    }
+
+    /// Take an idle disk out of this worker, rings running.
+    fn release_disk(&mut self, pos: usize) -> DiskPort {
+        let mut d = self.disks.swap_remove(pos);
+        self.disk_local[usize::from(d.idx)] = NOT_LOCAL;
+        if let Some(moved) = self.disks.get(pos) {
+            self.disk_local[usize::from(moved.idx)] = pos as u16;
+        }
+        Self::unwatch_kicks(&self.epoll, &d.kicks);
+        d.publish();
+        d.quiescing = false;
+        d
+    }
+
+    /// Take over a disk another worker released (idle: nothing in flight).
+    fn adopt_disk(&mut self, mut d: DiskPort) -> Result<(), DataplaneError> {
+        let idx = d.idx;
+        if self.find(idx).is_ok() {
+            return Ok(());
+        }
+        self.ensure_engine()?;
+        d.gen = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1);
+        self.watch_kicks(idx, &d.kicks)?;
+        self.disk_local[usize::from(idx)] = self.disks.len() as u16;
+        self.disks.push(d);
+        Ok(())
+    }
+
+    /// Wake on the kicks of a port arriving here.
+    fn watch_kicks(&self, idx: PortIdx, kicks: &[Option<EventFd>]) -> Result<(), DataplaneError> {
+        for (q, kick) in kicks.iter().enumerate() {
+            if let Some(k) = kick {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    std::os::fd::AsRawFd::as_raw_fd(k),
+                    EpollEvent::new(EventSet::IN, kick_token(idx, q)),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop waking on the kicks of a port leaving.
+    fn unwatch_kicks(epoll: &Epoll, kicks: &[Option<EventFd>]) {
+        for kick in kicks.iter().flatten() {
+            let _ = epoll.ctl(
+                ControlOperation::Delete,
+                std::os::fd::AsRawFd::as_raw_fd(kick),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// Remove an idle disk: its rings stop, its I/O is all answered.
+    fn remove_disk(&mut self, pos: usize) {
+        for q in 0..MAX_DISK_QUEUES {
+            self.stop_disk_queue(pos, q);
+        }
+        drop(self.release_disk(pos));
+    }
+
     /// Stop ring `q` of the port at `pos`; returns its next avail index.
     fn stop_queue(&mut self, pos: usize, q: usize) -> Option<u16> {
         let p = self.ports.get_mut(pos)?;
@@ -467,42 +882,28 @@ impl Worker {
     }
 
     /// Take a port out, rings running, to hand it to another worker.
-    fn release_port(&mut self, pos: usize) -> Box<NetPort> {
+    fn release_port(&mut self, pos: usize) -> NetPort {
         let p = &mut self.ports[pos];
         p.publish_rx();
-        for kick in p.kicks.iter().flatten() {
-            let _ = self.epoll.ctl(
-                ControlOperation::Delete,
-                std::os::fd::AsRawFd::as_raw_fd(kick),
-                EpollEvent::default(),
-            );
-        }
+        Self::unwatch_kicks(&self.epoll, &p.kicks);
         let port = self.ports.swap_remove(pos);
         self.local[usize::from(port.idx)] = NOT_LOCAL;
         if let Some(moved) = self.ports.get(pos) {
             self.local[usize::from(moved.idx)] = pos as u16;
         }
         self.dirty.clear();
-        Box::new(port)
+        port
     }
 
     /// Take over a port another worker released.
-    fn adopt_port(&mut self, port: Box<NetPort>) -> Result<(), DataplaneError> {
+    fn adopt_port(&mut self, port: NetPort) -> Result<(), DataplaneError> {
         let idx = port.idx;
         if self.port_pos(idx).is_ok() {
             return Ok(());
         }
-        for (q, kick) in port.kicks.iter().enumerate() {
-            if let Some(k) = kick {
-                self.epoll.ctl(
-                    ControlOperation::Add,
-                    std::os::fd::AsRawFd::as_raw_fd(k),
-                    EpollEvent::new(EventSet::IN, kick_token(idx, q)),
-                )?;
-            }
-        }
+        self.watch_kicks(idx, &port.kicks)?;
         self.local[usize::from(idx)] = self.ports.len() as u16;
-        self.ports.push(*port);
+        self.ports.push(port);
         Ok(())
     }
 

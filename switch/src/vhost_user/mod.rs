@@ -1,7 +1,7 @@
-//! The vhost-user device side of one net port connection.
+//! The vhost-user device side of one port connection (net or disk).
 //!
 //! The `vhost` crate parses the wire protocol ([`BackendReqHandler`]); this
-//! module answers it. [`NetBackend`] keeps the per-connection protocol state
+//! module answers it. [`PortBackend`] keeps the per-connection protocol state
 //! (features, memory table, ring set-up) and hands everything the dataplane
 //! needs to the worker that owns the port, waiting for its acknowledgement
 //! where the protocol requires the ring quiescent: `GET_VRING_BASE` answers
@@ -12,6 +12,14 @@
 //! ring starts only once it has a size, addresses, a memory table, its kick
 //! and (with `VHOST_USER_F_PROTOCOL_FEATURES`) its enable, in whatever order
 //! they come; a message naming a queue that does not exist is refused.
+//!
+//! What differs between device types (features, queues, configuration
+//! space) is a [`Device`]: [`net::NetDevice`] and [`blk::BlkDevice`].
+//!
+//! [`BackendReqHandler`]: vhost::vhost_user::BackendReqHandler
+
+pub mod blk;
+pub mod net;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
@@ -28,37 +36,36 @@ use vhost::vhost_user::{
     Backend, Error as VhostError, Result as VhostResult, VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
-use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::dataplane::{Dataplane, DataplaneError, NetFeatures, QueueSetup, MAX_QUEUE_PAIRS};
+use crate::dataplane::{Dataplane, DataplaneError, QueueSetup};
 use crate::fdb::PortIdx;
 use crate::mem::{GuestMemory, RegionSpec, MAX_REGIONS};
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
-/// The virtio features a net port offers.
-pub fn net_features(queue_pairs: u16) -> u64 {
-    let mut f = 1u64 << VIRTIO_F_VERSION_1
-        | 1 << VIRTIO_NET_F_MRG_RXBUF
-        | 1 << VIRTIO_RING_F_EVENT_IDX
-        | 1 << VIRTIO_F_NOTIFY_ON_EMPTY
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-    if queue_pairs > 1 {
-        f |= 1 << VIRTIO_NET_F_MQ;
+/// What differs between device types.
+pub trait Device: Send {
+    /// The virtio features offered.
+    fn features(&self) -> u64;
+    /// The vhost-user protocol features offered.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+    /// Number of virtqueues.
+    fn queues(&self) -> usize;
+    /// Largest ring the device accepts.
+    fn max_queue_size(&self) -> u16 {
+        MAX_QUEUE_SIZE
     }
-    f
-}
-
-/// The vhost-user protocol features a net port offers.
-pub fn net_protocol_features(queue_pairs: u16) -> VhostUserProtocolFeatures {
-    let mut f =
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
-    if queue_pairs > 1 {
-        f |= VhostUserProtocolFeatures::MQ;
-    }
-    f
+    /// Tell the dataplane what the frontend acked.
+    fn apply_features(
+        &mut self,
+        dp: &Dataplane,
+        idx: PortIdx,
+        features: u64,
+    ) -> Result<(), DataplaneError>;
+    /// Read the configuration space.
+    fn get_config(&mut self, offset: u32, size: u32) -> VhostResult<Vec<u8>>;
+    /// Write the configuration space.
+    fn set_config(&mut self, offset: u32, buf: &[u8]) -> VhostResult<()>;
 }
 
 #[derive(Default)]
@@ -76,12 +83,12 @@ struct QueueState {
     started: bool,
 }
 
-/// Protocol state of one connection to one net port.
-pub struct NetBackend {
+/// Protocol state of one connection to one port.
+pub struct PortBackend<D: Device> {
     name: String,
     idx: PortIdx,
     dp: Arc<Dataplane>,
-    queue_pairs: u16,
+    device: D,
     acked_features: u64,
     protocol_features: u64,
     mem: Option<Arc<GuestMemory>>,
@@ -104,7 +111,7 @@ fn dp_err(e: DataplaneError) -> VhostError {
 /// is made non-blocking: a worker reading a kick another queue already
 /// cleared, or signalling a call whose counter the guest filled, must never
 /// block (it polls every port it owns).
-fn eventfd_from(file: File) -> VhostResult<EventFd> {
+pub(crate) fn eventfd_from(file: File) -> VhostResult<EventFd> {
     let fd = file.as_raw_fd();
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
     if !info.lines().any(|l| l.starts_with("eventfd-count:")) {
@@ -124,22 +131,20 @@ fn eventfd_from(file: File) -> VhostResult<EventFd> {
     Ok(unsafe { EventFd::from_raw_fd(file.into_raw_fd()) })
 }
 
-impl NetBackend {
+impl<D: Device> PortBackend<D> {
     /// State for a fresh connection to port `idx`.
-    pub fn new(name: &str, idx: PortIdx, dp: Arc<Dataplane>, queue_pairs: u16) -> Self {
-        let queue_pairs = queue_pairs.clamp(1, MAX_QUEUE_PAIRS as u16);
-        NetBackend {
+    pub fn new(name: &str, idx: PortIdx, dp: Arc<Dataplane>, device: D) -> Self {
+        let queues = device.queues();
+        PortBackend {
             name: name.to_string(),
             idx,
             dp,
-            queue_pairs,
+            device,
             acked_features: 0,
             protocol_features: 0,
             mem: None,
             region_refs: Vec::new(),
-            queues: (0..2 * queue_pairs)
-                .map(|_| QueueState::default())
-                .collect(),
+            queues: (0..queues).map(|_| QueueState::default()).collect(),
         }
     }
 
@@ -247,7 +252,7 @@ impl NetBackend {
     }
 }
 
-impl VhostUserBackendReqHandlerMut for NetBackend {
+impl<D: Device> VhostUserBackendReqHandlerMut for PortBackend<D> {
     fn set_owner(&mut self) -> VhostResult<()> {
         Ok(())
     }
@@ -266,11 +271,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
-        Ok(net_features(self.queue_pairs))
+        Ok(self.device.features())
     }
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = net_features(self.queue_pairs);
+        let offered = self.device.features();
         if features & !offered != 0 {
             log::warn!(
                 "port {}: frontend acked features {:#x} that were not offered",
@@ -281,13 +286,9 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         }
         self.acked_features = features;
         log::debug!("port {}: features {features:#x}", self.name);
-        let nf = NetFeatures {
-            mrg_rxbuf: features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
-            event_idx: features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0,
-            version_1: features & (1 << VIRTIO_F_VERSION_1) != 0,
-            notify_on_empty: features & (1 << VIRTIO_F_NOTIFY_ON_EMPTY) != 0,
-        };
-        self.dp.set_features(self.idx, nf).map_err(dp_err)?;
+        self.device
+            .apply_features(&self.dp, self.idx, features)
+            .map_err(dp_err)?;
         // Without protocol features, rings are enabled as soon as they start.
         for i in 0..self.queues.len() {
             let _ = self.try_start(i);
@@ -327,8 +328,9 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let max = self.device.max_queue_size();
         let q = self.queue(index)?;
-        if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
             return Err(VhostError::InvalidParam);
         }
         if q.started {
@@ -431,11 +433,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        Ok(net_protocol_features(self.queue_pairs))
+        Ok(self.device.protocol_features())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = net_protocol_features(self.queue_pairs).bits();
+        let offered = self.device.protocol_features().bits();
         if features & !offered != 0 {
             log::warn!(
                 "port {}: frontend acked protocol features {:#x} that were not offered",
@@ -453,7 +455,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         // vhost-user-net compares its queue pairs against this, so it accepts
         // any count up to the port's; ring indices past the port's queues
         // are refused at set-up.
-        Ok(2 * u64::from(self.queue_pairs))
+        Ok(self.queues.len() as u64)
     }
 
     fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
@@ -469,20 +471,20 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 
     fn get_config(
         &mut self,
-        _offset: u32,
-        _size: u32,
+        offset: u32,
+        size: u32,
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<Vec<u8>> {
-        Err(invalid("net ports have no vhost-user config space"))
+        self.device.get_config(offset, size)
     }
 
     fn set_config(
         &mut self,
-        _offset: u32,
-        _buf: &[u8],
+        offset: u32,
+        buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<()> {
-        Err(invalid("net ports have no vhost-user config space"))
+        self.device.set_config(offset, buf)
     }
 
     fn set_backend_req_fd(&mut self, _backend: Backend) {}
@@ -499,11 +501,11 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         &mut self,
         _inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
-        Err(invalid("inflight tracking is not offered for net ports"))
+        Err(invalid("inflight tracking is not offered"))
     }
 
     fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
-        Err(invalid("inflight tracking is not offered for net ports"))
+        Err(invalid("inflight tracking is not offered"))
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
@@ -590,7 +592,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 }
 
-impl Drop for NetBackend {
+impl<D: Device> Drop for PortBackend<D> {
     fn drop(&mut self) {
         // Best effort: the session detaches the port from its worker right
         // after, which stops every ring in any case.
