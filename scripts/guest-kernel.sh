@@ -3,9 +3,10 @@
 #
 #   DIR/vmlinux             uncompressed Debian 12 kernel (QEMU boots it via PVH)
 #   DIR/initramfs.cpio.gz   busybox initramfs whose /init loads the virtio
-#                           modules, configures eth0 from the kernel command
-#                           line, runs one job and powers off
+#                           (and ext2) modules, configures eth0 from the
+#                           kernel command line, runs one job and powers off
 #   DIR/kernel-version      e.g. 6.1.0-56-amd64
+#   DIR/modules/            the modules the guest loads, and their load order
 #   DIR/stamp               sha256 of this script when the image was built
 #
 # DIR is the first argument, else $VIOSWITCH_GUEST_DIR, else target/guest.
@@ -16,7 +17,7 @@
 #
 # Guest command line (read from /proc/cmdline by /init):
 #   vio.job=NAME       boot | ping | ping-loop | tcp-send | tcp-recv | serve |
-#                      driver-reload | mq-send
+#                      driver-reload | mq-send | blk-sum | blk-write | blk-fs
 #   vio.ip=A.B.C.D/N   address of eth0 (no network set up without it)
 #   vio.peer=A.B.C.D   the other guest
 #   vio.mtu=N          MTU of eth0
@@ -35,13 +36,23 @@
 #   vio.reloads=N      driver-reload: unload/load cycles (default 1)
 #   vio.queues=N       mq-send: TX and RX queues eth0 must have (default 1)
 #   vio.bytes=N        tcp-send, mq-send: payload size (default 1048576);
-#                      tcp-recv: expected size (ok only if it matches)
+#                      tcp-recv: expected size (ok only if it matches);
+#                      blk-sum: bytes to hash from the start of the disk
+#                      (default: the whole disk); blk-write: bytes to write
+#                      (default 1048576); blk-fs: size of the test file
+#                      (default 1048576)
+#   vio.disk=NAME      blk-*: the disk, a name in /dev (default vda)
+#   vio.offset=N       blk-write: byte offset on the disk (default 0)
+#   vio.pattern=P      blk-write, blk-fs: random (default; /dev/urandom) or
+#                      seq (the tcp-send payload "1\n2\n3\n...", cut at
+#                      vio.bytes)
 #   vio.port=N         TCP port (default 5001)
 #   vio.linger=S       after the result, stay up S seconds (answering pings)
 #                      before powering off; default 0
 #   vio.then=reboot    after the result (and linger), reboot instead of
 #                      powering off: the job runs again on every boot
-#                      (QEMU without -no-reboot; the test stops it)
+#                      (QEMU without -no-reboot; the test stops it). A job
+#                      may ask for one reboot itself (blk-fs after writing)
 #   vio.timeout=S      watchdog: fail and power off after S seconds
 #                      (default 600; serve: none)
 #
@@ -52,6 +63,29 @@
 #   VIOTEST-RESULT: ok <k=v ...>       the job succeeded
 #   VIOTEST-RESULT: fail <why>         the job failed
 #   VIOTEST-DIAG eth0 ...              before a failure: eth0's counters, ARP
+#   VIOTEST-DIAG vda ...               before a failure: each virtio disk's
+#                                      size and I/O counters
+#   VIOTEST-REBOOT                     the guest reboots (vio.then=reboot, or
+#                                      the job asked for it)
+#   VIO-BLK-SUM <sha256>               blk-sum: sha256 of the bytes read
+#   VIO-BLK-WRITTEN <sha256>           blk-write: sha256 of the bytes written
+#                                      (and read back) at vio.offset
+#   VIO-FS-WRITTEN <sha256>            blk-fs, first boot: the test file was
+#                                      written, the fs unmounted; reboots
+#   VIO-FS-READ <sha256>               blk-fs, next boot: the test file read
+#                                      back; powers off
+#
+# The disk jobs (on /dev/vda, or vio.disk; no network needed, no vio.ip):
+#   blk-sum    sha256 of the first vio.bytes bytes of the disk.
+#   blk-write  write vio.bytes bytes (vio.pattern) at vio.offset of the disk
+#              with fsync, read them back past the page cache, and report
+#              the sha256 (the host compares that range of its backing file).
+#   blk-fs     if the disk holds no ext2 filesystem with the test file:
+#              mke2fs (when it does not mount), mount, write the file
+#              (vio.bytes of vio.pattern) and its sha256, umount, print
+#              VIO-FS-WRITTEN and reboot (QEMU must run without -no-reboot);
+#              else mount, check the file against the stored sha256, print
+#              VIO-FS-READ and power off. The test compares the two sums.
 set -euo pipefail
 
 script=$(readlink -f "${BASH_SOURCE[0]}")
@@ -174,7 +208,15 @@ extract_vmlinux() { # VMLINUZ OUT
     return 1
 }
 
-if [ -s "$dir/vmlinux" ] && [ -s "$dir/kernel-version" ] && [ -d "$dir/modules" ]; then
+# The modules the guest needs (their dependencies are added), in load order.
+# ext2 filesystems are mounted by ext4 (Debian: CONFIG_EXT4_USE_FOR_EXT2=y,
+# no ext2 driver), which depends on jbd2, mbcache and crc16, and whose mount
+# fails without a crc32c driver ("Cannot load crc32c driver", even for ext2
+# without checksums): crc32c_generic, as TCG's CPU may lack SSE4.2.
+mods="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk crc32c_generic ext4"
+
+if [ -s "$dir/vmlinux" ] && [ -s "$dir/kernel-version" ] &&
+    [ "$(cat "$dir/modules/wanted" 2>/dev/null)" = "$mods" ]; then
     kver=$(cat "$dir/kernel-version")
     log "kernel $kver already extracted"
 else
@@ -202,9 +244,7 @@ else
     [ -f "$vmlinuz" ] || die "$vmlinuz missing from $pkg"
     extract_vmlinux "$vmlinuz" "$work/vmlinux" || die "cannot extract vmlinux from $vmlinuz"
 
-    # The modules the guest needs, and their dependencies, in load order
-    # (each one after what it depends on, as the modules' .modinfo says).
-    mods="virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net virtio_blk"
+    # Each module after what it depends on, as the modules' .modinfo says.
     mdir="$work/pkg/lib/modules/$kver"
     rm -rf "$work/modules"
     mkdir -p "$work/modules"
@@ -239,6 +279,7 @@ else
     done
     order=("${order[@]/=*/}")
     printf '%s\n' "${order[@]}" | grep -v '^$' >"$work/modules/order"
+    echo "$mods" >"$work/modules/wanted"
 
     rm -rf "$dir/modules"
     mv "$work/modules" "$dir/modules"
@@ -250,7 +291,7 @@ fi
 # ------------------------------------------------------------- initramfs ----
 
 ird="$work/initramfs"
-mkdir -p "$ird"/{bin,dev,proc,sys,tmp,run,etc,jobs,lib/modules}
+mkdir -p "$ird"/{bin,dev,proc,sys,tmp,run,etc,mnt,jobs,lib/modules}
 cp /bin/busybox "$ird/bin/busybox"
 ln -s busybox "$ird/bin/sh"
 cp "$dir"/modules/*.ko "$dir/modules/order" "$ird/lib/modules/"
@@ -310,9 +351,14 @@ cat >"$ird/lib/vio.sh" <<'EOF'
 
 now() { cut -d. -f1 /proc/uptime; }
 
-# diag: one line on what eth0 saw, for failure messages.
+# diag: one line on what eth0 saw, and one per virtio disk, for failure
+# messages.
 diag() {
-    local d=/sys/class/net/eth0 s=""
+    local d=/sys/class/net/eth0 s="" b
+    for b in /sys/block/vd*; do
+        [ -e "$b" ] || continue
+        echo "VIOTEST-DIAG ${b##*/} size=$(($(cat $b/size) * 512)) ro=$(cat $b/ro) stat=[$(echo $(cat $b/stat))]"
+    done
     if [ ! -e $d ]; then
         echo "VIOTEST-DIAG no eth0"
         return 0
@@ -337,7 +383,8 @@ finish() {
         sleep "$VIO_linger"
     fi
     sync
-    if [ "$VIO_then" = reboot ]; then
+    # A job asks for a reboot by creating /tmp/reboot (it runs in a subshell).
+    if [ "$VIO_then" = reboot ] || [ -f /tmp/reboot ]; then
         echo "VIOTEST-REBOOT"
         reboot -f
     else
@@ -418,6 +465,49 @@ ping_phase() {
 payload() { seq 1 $(($1 / 2 + 1)) | head -c "$1"; }
 
 sum_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# is_num WORD: a non-negative decimal integer.
+is_num() {
+    case $1 in
+    '' | *[!0-9]*) return 1 ;;
+    esac
+}
+
+# need_disk: wait (10 s) for the disk vio.disk (default vda); sets DISK to
+# its /dev path and DISK_SIZE to its size in bytes.
+need_disk() {
+    local name=${VIO_disk:-vda} i=0
+    DISK=/dev/$name
+    while [ ! -b "$DISK" ]; do
+        i=$((i + 1))
+        if [ $i -gt 100 ]; then
+            result fail "no $DISK after 10s (disks: $(ls /sys/block | tr '\n' ' '))"
+            return 1
+        fi
+        sleep 0.1
+    done
+    DISK_SIZE=$(blockdev --getsize64 "$DISK")
+}
+
+# pattern N FILE: N bytes of vio.pattern (random or seq) into FILE.
+pattern() {
+    case ${VIO_pattern:-random} in
+    random) head -c "$1" /dev/urandom >"$2" ;;
+    seq) payload "$1" >"$2" ;;
+    *) return 1 ;;
+    esac
+    [ "$(wc -c <"$2")" = "$1" ]
+}
+
+# read_sum DEV OFFSET N: sha256 of N bytes of DEV at OFFSET (the caller
+# checks that they are within DEV; fails on a read error).
+read_sum() {
+    (
+        set -o pipefail
+        dd if="$1" bs=65536 skip="$2" count="$3" iflag=skip_bytes,count_bytes status=none |
+            sha256sum | cut -d' ' -f1
+    )
+}
 EOF
 
 cat >"$ird/jobs/boot" <<'EOF'
@@ -656,6 +746,126 @@ while :; do
     fi
     sleep 1
 done
+EOF
+
+cat >"$ird/jobs/blk-sum" <<'EOF'
+# blk-sum: sha256 of the first vio.bytes bytes of the disk (default: all).
+need_disk || exit 0
+bytes=${VIO_bytes:-$DISK_SIZE}
+if ! is_num "$bytes" || [ "$bytes" -gt "$DISK_SIZE" ]; then
+    result fail "vio.bytes=$bytes: not a size within $DISK ($DISK_SIZE bytes)"
+    exit 0
+fi
+t0=$(now)
+if ! sum=$(read_sum "$DISK" 0 "$bytes"); then
+    result fail "cannot read $bytes bytes of $DISK"
+    exit 0
+fi
+echo "VIO-BLK-SUM $sum"
+result ok "disk=$DISK size=$DISK_SIZE bytes=$bytes sha256=$sum secs=$(($(now) - t0))"
+EOF
+
+cat >"$ird/jobs/blk-write" <<'EOF'
+# blk-write: write vio.bytes bytes of vio.pattern at vio.offset of the disk
+# with fsync, read them back past the page cache, report their sha256.
+need_disk || exit 0
+bytes=${VIO_bytes:-1048576}
+offset=${VIO_offset:-0}
+if ! is_num "$bytes" || ! is_num "$offset" || [ $((offset + bytes)) -gt "$DISK_SIZE" ]; then
+    result fail "vio.offset=$offset vio.bytes=$bytes: not a range within $DISK ($DISK_SIZE bytes)"
+    exit 0
+fi
+if ! pattern "$bytes" /tmp/blk.data; then
+    result fail "cannot make $bytes bytes of pattern ${VIO_pattern:-random}"
+    exit 0
+fi
+sum=$(sum_of /tmp/blk.data)
+t0=$(now)
+if ! dd if=/tmp/blk.data of="$DISK" bs=65536 seek="$offset" oflag=seek_bytes conv=notrunc,fsync status=none; then
+    result fail "writing $bytes bytes at $offset of $DISK failed"
+    exit 0
+fi
+t1=$(now)
+rm -f /tmp/blk.data
+# Read back from the device, not from the page cache.
+sync
+echo 3 >/proc/sys/vm/drop_caches
+blockdev --flushbufs "$DISK"
+if ! back=$(read_sum "$DISK" "$offset" "$bytes"); then
+    result fail "cannot read back $bytes bytes at $offset of $DISK"
+    exit 0
+fi
+if [ "$back" != "$sum" ]; then
+    result fail "wrote sha256=$sum at $offset of $DISK, read back sha256=$back"
+    exit 0
+fi
+echo "VIO-BLK-WRITTEN $sum"
+result ok "disk=$DISK offset=$offset bytes=$bytes sha256=$sum write_secs=$((t1 - t0)) secs=$(($(now) - t0))"
+EOF
+
+cat >"$ird/jobs/blk-fs" <<'EOF'
+# blk-fs: first boot: make an ext2 filesystem on the disk if none mounts,
+# write a test file and its sha256, umount, reboot. Next boot (the file is
+# there): check the file against its stored sha256, power off.
+need_disk || exit 0
+if ! grep -qw ext2 /proc/filesystems; then
+    result fail "no ext2 in /proc/filesystems (ext4 module not loaded?)"
+    exit 0
+fi
+bytes=${VIO_bytes:-1048576}
+if ! is_num "$bytes"; then
+    result fail "vio.bytes=$bytes is not a size"
+    exit 0
+fi
+mnt=/mnt/vio
+file=$mnt/vio-test
+mkdir -p "$mnt"
+fs_mount() { mount -t ext2 "$DISK" "$mnt" 2>/tmp/mount.err; }
+fs_umount() {
+    if ! umount "$mnt" 2>/tmp/umount.err; then
+        result fail "umount $mnt: $(cat /tmp/umount.err)"
+        return 1
+    fi
+}
+mkfs=no
+if ! fs_mount; then
+    echo "VIOTEST-PROGRESS no ext2 on $DISK ($(cat /tmp/mount.err)): mke2fs"
+    if ! mke2fs -F "$DISK" >/tmp/mkfs.out 2>&1; then
+        result fail "mke2fs $DISK failed: $(tail -n 3 /tmp/mkfs.out | tr '\n' ' ')"
+        exit 0
+    fi
+    if ! fs_mount; then
+        result fail "mount -t ext2 $DISK after mke2fs failed: $(cat /tmp/mount.err)"
+        exit 0
+    fi
+    mkfs=yes
+fi
+if [ -f "$file" ] && [ -f "$file.sha256" ]; then
+    stored=$(cat "$file.sha256")
+    size=$(wc -c <"$file")
+    sum=$(sum_of "$file")
+    fs_umount || exit 0
+    echo "VIO-FS-READ $sum"
+    if [ "$sum" = "$stored" ]; then
+        result ok "phase=read disk=$DISK bytes=$size sha256=$sum"
+    else
+        result fail "phase=read: $file has sha256=$sum ($size bytes), stored sha256=$stored"
+    fi
+    exit 0
+fi
+rm -f "$file" "$file.sha256"
+if ! pattern "$bytes" "$file"; then
+    result fail "cannot write $bytes bytes of pattern ${VIO_pattern:-random} to $file"
+    exit 0
+fi
+sum=$(sum_of "$file")
+echo "$sum" >"$file.sha256"
+sync
+fs_umount || exit 0
+sync
+echo "VIO-FS-WRITTEN $sum"
+: >/tmp/reboot
+result ok "phase=write disk=$DISK mkfs=$mkfs bytes=$bytes sha256=$sum"
 EOF
 
 log "building initramfs"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages that vioswitch's tests need: QEMU and the
-# guest-image tools (scripts/guest-kernel.sh), and DPDK (vhost PMD, for
-# interoperability tests). Idempotent: packages already installed are not
+# guest-image tools (scripts/guest-kernel.sh), qemu-storage-daemon (the
+# reference vhost-user-blk backend of the disk tests), and DPDK (vhost PMD,
+# for interoperability tests). Idempotent: packages already installed are not
 # touched, and `apt-get update` runs (once) only if something is missing.
 #
 # Usage: scripts/install-deps.sh [EXTRA-PACKAGE...]
@@ -10,7 +11,10 @@ set -euo pipefail
 packages=(
     # real-QEMU end-to-end tests
     qemu-system-x86
-    # guest image: busybox initramfs, kernel extraction
+    # qemu-storage-daemon: vhost-user-blk export of a disk image
+    qemu-system-common
+    # guest image: busybox initramfs (its applets do the guest's jobs: ping,
+    # nc, dd, sha256sum, mke2fs, mount ...), kernel extraction
     busybox-static
     cpio
     gzip

@@ -5,7 +5,8 @@
 //! initramfs whose `/init` loads the virtio modules, configures `eth0` from
 //! the kernel command line, runs one job and powers off. [`QemuGuest::spawn`]
 //! boots it under TCG with a virtio-net device on a vhost-user socket (or a
-//! UDP link to another QEMU, or no network), and the test reads the job's
+//! UDP link to another QEMU, or no network) and any number of
+//! vhost-user-blk disks ([`DiskAttach`]), and the test reads the job's
 //! marker lines from the serial console:
 //!
 //! ```text
@@ -22,6 +23,13 @@
 //! payload); their parameters are `vio.*` kernel arguments, documented at the
 //! top of `scripts/guest-kernel.sh` (e.g. `vio.ip=10.0.0.1/24`,
 //! `vio.peer=10.0.0.2`, `vio.count=5`, `vio.bytes=1048576`).
+//!
+//! Disk jobs ([`BlkJob`], on `/dev/vda`): `blk-sum` (sha256 of the disk),
+//! `blk-write` (write a range with fsync), `blk-fs` (ext2 file written, guest
+//! rebooted, file read back); each prints its sha256 on a marker line
+//! ([`BLK_SUM_MARKER`], ...; see [`QemuGuest::marker_values`]).
+//! [`StorageDaemon`] serves a disk image with `qemu-storage-daemon`, a
+//! known-good vhost-user-blk backend.
 //!
 //! Judge a guest by its marker lines, never by QEMU's exit status (a kernel
 //! panic exits 0 with `panic=-1 -no-reboot`).
@@ -50,6 +58,19 @@ pub const KEEP_LOGS_ENV: &str = "VIOSWITCH_KEEP_GUEST_LOGS";
 pub const RESULT_MARKER: &str = "VIOTEST-RESULT:";
 /// Printed once the guest's network is configured.
 pub const READY_MARKER: &str = "VIOTEST-READY";
+/// Printed before the guest reboots.
+pub const REBOOT_MARKER: &str = "VIOTEST-REBOOT";
+/// `blk-sum`: `VIO-BLK-SUM <sha256>` of the bytes read.
+pub const BLK_SUM_MARKER: &str = "VIO-BLK-SUM";
+/// `blk-write`: `VIO-BLK-WRITTEN <sha256>` of the bytes written (and read
+/// back past the guest's page cache).
+pub const BLK_WRITTEN_MARKER: &str = "VIO-BLK-WRITTEN";
+/// `blk-fs`, first boot: `VIO-FS-WRITTEN <sha256>` of the test file.
+pub const FS_WRITTEN_MARKER: &str = "VIO-FS-WRITTEN";
+/// `blk-fs`, next boot: `VIO-FS-READ <sha256>` of the test file read back.
+pub const FS_READ_MARKER: &str = "VIO-FS-READ";
+/// Environment variable: the `qemu-storage-daemon` binary.
+pub const QSD_ENV: &str = "VIOSWITCH_QSD";
 
 /// Errors of the QEMU harness.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +108,8 @@ pub enum QemuError {
     BadResult(String),
     #[error("guest {guest}: monitor: {what}")]
     Monitor { guest: String, what: String },
+    #[error("qemu-storage-daemon: {0}")]
+    StorageDaemon(String),
 }
 
 /// Result alias of this module.
@@ -214,6 +237,117 @@ impl GuestNet {
     }
 }
 
+/// A virtio-blk disk over vhost-user: QEMU connects to the backend's
+/// socket (`-chardev socket` and `-device vhost-user-blk-pci`). The guest
+/// sees the disks as `/dev/vda`, `/dev/vdb`, ... in the order of
+/// [`GuestConfig::disks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskAttach {
+    /// The backend's vhost-user socket (the backend listens on it).
+    pub socket: PathBuf,
+    /// Request queues (`num-queues=`; the backend must offer as many).
+    pub num_queues: u16,
+    /// With N > 0, `reconnect=N` on the chardev: QEMU reconnects to a
+    /// backend that went away, trying every N seconds.
+    pub reconnect_secs: u32,
+}
+
+impl DiskAttach {
+    /// One queue, no reconnection.
+    pub fn new(socket: impl Into<PathBuf>) -> DiskAttach {
+        DiskAttach {
+            socket: socket.into(),
+            num_queues: 1,
+            reconnect_secs: 0,
+        }
+    }
+}
+
+/// What the disk jobs write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pattern {
+    /// Bytes of `/dev/urandom` (`vio.pattern=random`).
+    #[default]
+    Random,
+    /// The `tcp-send` payload, see [`payload`] (`vio.pattern=seq`).
+    Seq,
+}
+
+impl Pattern {
+    fn arg(self) -> &'static str {
+        match self {
+            Pattern::Random => "vio.pattern=random",
+            Pattern::Seq => "vio.pattern=seq",
+        }
+    }
+}
+
+/// A disk job of the guest image, on `/dev/vda` (another disk with the
+/// kernel argument `vio.disk=vdb`). Every one ends with a
+/// `VIOTEST-RESULT:` line whose `sha256=` field is the sum of its marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlkJob {
+    /// `blk-sum`: sha256 of the first `bytes` bytes of the disk (all of it
+    /// with `None`), printed as [`BLK_SUM_MARKER`].
+    Sum { bytes: Option<u64> },
+    /// `blk-write`: write `bytes` bytes of `pattern` at `offset` with fsync,
+    /// read them back past the page cache, print their sha256 as
+    /// [`BLK_WRITTEN_MARKER`]; the host then compares that range of its
+    /// backing file (see [`sha256_file_range`]).
+    Write {
+        offset: u64,
+        bytes: u64,
+        pattern: Pattern,
+    },
+    /// `blk-fs`: on a disk without the test file, make an ext2 filesystem
+    /// (when none mounts), write a file of `bytes` bytes of `pattern`,
+    /// umount, print [`FS_WRITTEN_MARKER`] and reboot; on the next boot
+    /// read the file back, print [`FS_READ_MARKER`] and power off. QEMU
+    /// must allow the reboot ([`GuestConfig::reboot`]).
+    Fs { bytes: u64, pattern: Pattern },
+}
+
+impl BlkJob {
+    /// The job's name (`vio.job=`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BlkJob::Sum { .. } => "blk-sum",
+            BlkJob::Write { .. } => "blk-write",
+            BlkJob::Fs { .. } => "blk-fs",
+        }
+    }
+
+    /// The job's parameters as kernel arguments.
+    pub fn kernel_args(&self) -> Vec<String> {
+        match *self {
+            BlkJob::Sum { bytes } => bytes
+                .map(|b| vec![format!("vio.bytes={b}")])
+                .unwrap_or_default(),
+            BlkJob::Write {
+                offset,
+                bytes,
+                pattern,
+            } => vec![
+                format!("vio.offset={offset}"),
+                format!("vio.bytes={bytes}"),
+                pattern.arg().into(),
+            ],
+            BlkJob::Fs { bytes, pattern } => {
+                vec![format!("vio.bytes={bytes}"), pattern.arg().into()]
+            }
+        }
+    }
+
+    /// The marker line(s) the job prints its sha256 on, in order.
+    pub fn markers(&self) -> &'static [&'static str] {
+        match self {
+            BlkJob::Sum { .. } => &[BLK_SUM_MARKER],
+            BlkJob::Write { .. } => &[BLK_WRITTEN_MARKER],
+            BlkJob::Fs { .. } => &[FS_WRITTEN_MARKER, FS_READ_MARKER],
+        }
+    }
+}
+
 /// The usual way to start a guest on a switch port (vhost-user).
 #[derive(Debug, Clone)]
 pub struct QemuNetOpts {
@@ -240,7 +374,9 @@ pub struct GuestConfig {
     pub kernel_args: Vec<String>,
     /// Guest memory in MiB (memfd-backed and shared, as vhost-user needs).
     pub memory_mib: u32,
-    /// More QEMU arguments (e.g. a vhost-user-blk device).
+    /// vhost-user-blk disks, `/dev/vda` first.
+    pub disks: Vec<DiskAttach>,
+    /// More QEMU arguments.
     pub extra_qemu_args: Vec<String>,
     /// Virtual CPUs (`-smp`).
     pub cpus: u32,
@@ -263,6 +399,7 @@ impl Default for GuestConfig {
             job: "boot".into(),
             kernel_args: Vec::new(),
             memory_mib: 256,
+            disks: Vec::new(),
             extra_qemu_args: Vec::new(),
             cpus: 1,
             queue_pairs: 1,
@@ -290,6 +427,35 @@ impl From<QemuNetOpts> for GuestConfig {
             ..GuestConfig::default()
         }
     }
+}
+
+impl GuestConfig {
+    /// A guest without network running the disk job `job` on one disk
+    /// (`/dev/vda`); for [`BlkJob::Fs`] the guest may reboot.
+    pub fn blk(name: &str, disk: DiskAttach, job: &BlkJob) -> GuestConfig {
+        GuestConfig {
+            name: name.into(),
+            disks: vec![disk],
+            ..GuestConfig::default()
+        }
+        .with_blk_job(job)
+    }
+
+    /// Run the disk job `job`: sets the job, appends its parameters to the
+    /// kernel arguments, and lets the guest reboot for [`BlkJob::Fs`].
+    pub fn with_blk_job(mut self, job: &BlkJob) -> GuestConfig {
+        self.job = job.name().into();
+        self.kernel_args.extend(job.kernel_args());
+        if matches!(job, BlkJob::Fs { .. }) {
+            self.reboot = true;
+        }
+        self
+    }
+}
+
+/// `path` as a QEMU option value: commas doubled.
+fn opt_path(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 /// A locally administered MAC `52:54:00:00:00:NN`.
@@ -361,6 +527,23 @@ pub fn qemu_args(img: &GuestImage, cfg: &GuestConfig, serial_log: &Path) -> Vec<
             a.push("-device".into());
             a.push(format!("virtio-net-pci,netdev=n0,mac={mac}"));
         }
+    }
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let reconnect = match d.reconnect_secs {
+            0 => String::new(),
+            n => format!(",reconnect={n}"),
+        };
+        a.push("-chardev".into());
+        a.push(format!(
+            "socket,id=blk{i},path={}{reconnect}",
+            opt_path(&d.socket)
+        ));
+        // vhost-user-blk is fine with MSI-X under TCG (unlike -net).
+        a.push("-device".into());
+        a.push(format!(
+            "vhost-user-blk-pci,chardev=blk{i},num-queues={}",
+            d.num_queues.max(1)
+        ));
     }
     a.extend(cfg.extra_qemu_args.iter().cloned());
     let mut append = format!("console=ttyS0 panic=-1 quiet vio.job={}", cfg.job);
@@ -555,6 +738,19 @@ impl QemuGuest {
             .lines()
             .filter(|l| l.contains(marker))
             .map(|l| l.trim().to_string())
+            .collect()
+    }
+
+    /// The first word after `marker` on each complete serial line holding
+    /// it, in order: e.g. the sha256 of [`FS_WRITTEN_MARKER`] and
+    /// [`FS_READ_MARKER`] lines.
+    pub fn marker_values(&self, marker: &str) -> Vec<String> {
+        self.find_lines(marker)
+            .iter()
+            .filter_map(|l| {
+                let at = l.find(marker)? + marker.len();
+                l[at..].split_whitespace().next().map(str::to_string)
+            })
             .collect()
     }
 
@@ -770,6 +966,152 @@ pub fn sha256_hex(data: &[u8]) -> Result<String> {
         .to_string())
 }
 
+/// SHA-256 (lowercase hex) of `len` bytes of the file at `path` from
+/// `offset`, e.g. of a disk image after a guest wrote to it. Fails if the
+/// file is shorter.
+pub fn sha256_file_range(path: &Path, offset: u64, len: u64) -> Result<String> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut data = Vec::new();
+    f.take(len).read_to_end(&mut data)?;
+    if data.len() as u64 != len {
+        return Err(QemuError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "{}: {} bytes at {offset}, wanted {len}",
+                path.display(),
+                data.len()
+            ),
+        )));
+    }
+    sha256_hex(&data)
+}
+
+/// `qemu-storage-daemon` serving a disk image (file driver, writable) as a
+/// vhost-user-blk export on a unix socket: a known-good backend for the
+/// disk jobs. Killed and reaped on drop (and killed if the thread that
+/// spawned it ends).
+pub struct StorageDaemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl StorageDaemon {
+    /// Serve `image` on `socket` with one queue.
+    pub fn spawn(image: &Path, socket: &Path) -> Result<StorageDaemon> {
+        Self::spawn_with(image, socket, 1)
+    }
+
+    /// Serve `image` on `socket` with `num_queues` request queues. Returns
+    /// once the socket exists; the daemon's output goes to `SOCKET.log`.
+    /// The binary is `$VIOSWITCH_QSD`, else `qemu-storage-daemon`.
+    pub fn spawn_with(image: &Path, socket: &Path, num_queues: u16) -> Result<StorageDaemon> {
+        let program = std::env::var(QSD_ENV).unwrap_or_else(|_| "qemu-storage-daemon".into());
+        let log = PathBuf::from(format!("{}.log", socket.display()));
+        match std::fs::remove_file(socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+        let mut cmd = Command::new(&program);
+        cmd.arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f0,filename={}",
+                opt_path(image)
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues={}",
+                opt_path(socket),
+                num_queues.max(1)
+            ))
+            .stdin(Stdio::null());
+        let out = File::create(&log)?;
+        cmd.stdout(out.try_clone()?).stderr(out);
+        // SAFETY: as in QemuGuest::spawn.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| {
+            QemuError::StorageDaemon(format!(
+                "cannot start {program} (package qemu-system-common: run scripts/install-deps.sh, or set {QSD_ENV}): {e}"
+            ))
+        })?;
+        let mut qsd = StorageDaemon {
+            child,
+            socket: socket.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !qsd.socket.exists() {
+            if let Some(status) = qsd.child.try_wait()? {
+                return Err(QemuError::StorageDaemon(format!(
+                    "exited ({status}) before creating {}:\n{}",
+                    qsd.socket.display(),
+                    qsd.log()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::StorageDaemon(format!(
+                    "no socket {} after 30s:\n{}",
+                    qsd.socket.display(),
+                    qsd.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(qsd)
+    }
+
+    /// The export's vhost-user socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A [`DiskAttach`] for this export (one queue).
+    pub fn disk(&self) -> DiskAttach {
+        DiskAttach::new(&self.socket)
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the daemon is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The daemon's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Kill the daemon (SIGKILL) and reap it. Idempotent.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -835,5 +1177,54 @@ mod tests {
         assert!(!a.contains("-no-reboot"));
         assert!(a.contains("-monitor unix:/tmp/g/monitor.sock,server=on,wait=off"));
         assert!(a.contains("-netdev vhost-user,id=n0,chardev=c0,queues=2 -device virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01,vectors=0,mq=on"));
+    }
+
+    #[test]
+    fn disk_command_line() {
+        let img = GuestImage {
+            dir: "/g".into(),
+            kernel: "/g/vmlinux".into(),
+            initrd: "/g/initramfs.cpio.gz".into(),
+            kernel_version: String::new(),
+        };
+        let job = BlkJob::Write {
+            offset: 4096,
+            bytes: 512,
+            pattern: Pattern::Seq,
+        };
+        let mut cfg = GuestConfig::blk("d", DiskAttach::new("/run/a,b.sock"), &job);
+        cfg.disks.push(DiskAttach {
+            socket: "/run/c.sock".into(),
+            num_queues: 2,
+            reconnect_secs: 1,
+        });
+        let a = qemu_args(&img, &cfg, Path::new("/tmp/s.log")).join(" ");
+        assert!(a.contains("-no-reboot"));
+        assert!(a.contains(
+            "-chardev socket,id=blk0,path=/run/a,,b.sock -device vhost-user-blk-pci,chardev=blk0,num-queues=1 \
+             -chardev socket,id=blk1,path=/run/c.sock,reconnect=1 -device vhost-user-blk-pci,chardev=blk1,num-queues=2 "
+        ));
+        assert!(!a.contains("virtio-net"));
+        assert!(a.ends_with("vio.job=blk-write vio.offset=4096 vio.bytes=512 vio.pattern=seq"));
+
+        let fs = GuestConfig::blk(
+            "d",
+            DiskAttach::new("/run/a.sock"),
+            &BlkJob::Fs {
+                bytes: 1 << 20,
+                pattern: Pattern::Random,
+            },
+        );
+        assert!(fs.reboot);
+        let a = qemu_args(&img, &fs, Path::new("/tmp/s.log")).join(" ");
+        assert!(!a.contains("-no-reboot"));
+        assert!(a.ends_with("vio.job=blk-fs vio.bytes=1048576 vio.pattern=random"));
+        let sum = GuestConfig::blk(
+            "d",
+            DiskAttach::new("/run/a.sock"),
+            &BlkJob::Sum { bytes: None },
+        );
+        assert_eq!(sum.job, "blk-sum");
+        assert!(sum.kernel_args.is_empty());
     }
 }
