@@ -413,17 +413,18 @@ fn serve_request(
             slot.error = Some(BlkError::NoStatus);
             return;
         }
-        Err(e) => {
+        Err(ParseError::ShortHeader) => {
+            // No header: the request type is unknown.
             slot.status_ptr = req.status;
             slot.used_len = 1;
-            slot.fail(
-                S_IOERR,
-                match e {
-                    ParseError::ShortHeader => BlkError::ShortHeader,
-                    _ => BlkError::WrongDirection,
-                },
-            );
+            slot.fail(S_IOERR, BlkError::ShortHeader);
+            return;
+        }
+        Err(ParseError::WrongDirection) => {
+            slot.status_ptr = req.status;
+            slot.used_len = 1;
             slot.op = op_of(req.ty);
+            slot.fail(S_IOERR, BlkError::WrongDirection);
             return;
         }
     }
