@@ -523,10 +523,11 @@ impl SplitQueue {
 /// Direct access to one ring, for tests that feed the device bad input.
 ///
 /// It shares the driver's state: entries pushed here advance the same
-/// avail index that [`NetGuest`](super::NetGuest) uses, so normal sends can
-/// continue afterwards. Used entries for heads the driver did not post are
-/// counted as device errors and skipped, unless the head came from
-/// [`alloc_desc`](Self::alloc_desc).
+/// avail index that [`NetGuest`](super::NetGuest) (or
+/// [`BlkGuest`](super::BlkGuest)) uses, so normal traffic can continue
+/// afterwards. Used entries for heads the driver did not post are counted as
+/// device errors and skipped, unless the head came from
+/// [`alloc_desc`](Self::alloc_desc) or [`alloc_chain`](Self::alloc_chain).
 pub struct RawQueue<'a> {
     pub(crate) q: &'a mut SplitQueue,
 }
@@ -560,6 +561,23 @@ impl RawQueue<'_> {
         let d = self.q.free.pop()?;
         self.q.chain[d as usize] = 1;
         Some(d)
+    }
+
+    /// Take `n` descriptors (at least 1) off the free list as one chain owned
+    /// by the device, in chain order: the first is the head to push, and a
+    /// used entry naming it gives all `n` back. The descriptors are not
+    /// written: link them yourself (`next` of each = the following id) or
+    /// deliberately not. None (and nothing taken) if fewer than `n` are free.
+    pub fn alloc_chain(&mut self, n: u16) -> Option<Vec<u16>> {
+        if n == 0 || usize::from(n) > self.q.free.len() {
+            return None;
+        }
+        let ids: Vec<u16> = (0..n).filter_map(|_| self.q.free.pop()).collect();
+        for w in ids.windows(2) {
+            self.q.next[w[0] as usize] = w[1];
+        }
+        self.q.chain[ids[0] as usize] = n;
+        Some(ids)
     }
 
     /// `avail.ring[avail_idx % size] = head; avail_idx += 1` (not published).
@@ -628,8 +646,8 @@ impl RawQueue<'_> {
     ///
     /// # Panics
     ///
-    /// If guest memory is exhausted (this is a test tool; raise
-    /// `NetGuestConfig::mem_size`).
+    /// If guest memory is exhausted (this is a test tool; raise the guest
+    /// configuration's `mem_size`).
     pub fn scratch(&mut self, len: usize) -> u64 {
         match self.q.memory().alloc(len) {
             Ok(gpa) => gpa,
@@ -882,6 +900,22 @@ mod tests {
         q.enable_interrupts();
         assert_eq!(mem.read_vec(used_event, 2).unwrap(), 5u16.to_le_bytes());
         assert_eq!(mem.read_vec(l.avail, 2).unwrap(), [0, 0], "flags stay 0");
+    }
+
+    #[test]
+    fn raw_chain_is_freed_whole() {
+        let mem = GuestMemory::new(1 << 20, 1).unwrap();
+        let mut q = SplitQueue::new(&mem, 8, 64, true).unwrap();
+        let mut raw = RawQueue { q: &mut q };
+        assert!(raw.alloc_chain(0).is_none());
+        assert!(raw.alloc_chain(9).is_none());
+        let ids = raw.alloc_chain(3).unwrap();
+        assert_eq!(ids, [0, 1, 2]);
+        assert_eq!(q.in_flight(), 3);
+        assert_eq!(q.chain[0], 3);
+        assert!(q.release_chain(0));
+        assert_eq!(q.in_flight(), 0);
+        assert!(!q.release_chain(1), "not a head");
     }
 
     #[test]
