@@ -21,6 +21,8 @@ pub enum DiskError {
     BadQueueSize(u16),
     #[error("serial must be at most {ID_LEN} printable ASCII characters, got {0:?}")]
     BadSerial(String),
+    #[error("{path} is already served by disk {by:?}; two disks may share a backing only if both are read-only")]
+    BackingInUse { path: PathBuf, by: String },
     #[error(transparent)]
     Backing(#[from] BackingError),
 }

@@ -879,6 +879,19 @@ impl PortTable {
         self.check_free(&endpoint)?;
         let backing =
             crate::blk::Backing::open(&spec.params()).map_err(crate::disk::DiskError::from)?;
+        // Two writers (or a writer and a reader) of one file would corrupt
+        // each other's view: only read-only disks may share a backing.
+        if let Some(other) = self.ports.values().find(|p| {
+            p.disk().is_some_and(|d| {
+                d.disk.backing.same_file(&backing) && !(spec.readonly && d.spec.readonly)
+            })
+        }) {
+            return Err(crate::disk::DiskError::BackingInUse {
+                path: spec.path.clone(),
+                by: other.spec.name.clone(),
+            }
+            .into());
+        }
         let disk = Arc::new(Disk::new(backing, spec.serial()));
         let kind = Kind::Disk(Box::new(DiskPort {
             spec,

@@ -118,6 +118,33 @@ fn disk_add_refuses_what_is_not_a_usable_disk_and_changes_nothing() {
         )),
         "exists"
     );
+    // One backing, two disks: only if both are read-only.
+    assert_eq!(
+        code(add(&mut sw, json!({"name": "e", "path": ok}))),
+        "exists"
+    );
+    assert_eq!(
+        code(add(
+            &mut sw,
+            json!({"name": "e", "path": ok, "readonly": true})
+        )),
+        "exists"
+    );
+    let shared = image(&sw, "shared.img", 1 << 20);
+    add(
+        &mut sw,
+        json!({"name": "r1", "path": shared, "readonly": true}),
+    )
+    .unwrap();
+    add(
+        &mut sw,
+        json!({"name": "r2", "path": shared, "readonly": true}),
+    )
+    .unwrap();
+    assert_eq!(
+        code(add(&mut sw, json!({"name": "w", "path": shared}))),
+        "exists"
+    );
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -98,6 +98,9 @@ pub struct Backing {
     /// Offset and length alignment direct I/O needs (1 without direct I/O).
     offset_align: u32,
     size: AtomicU64,
+    /// Identity of the file: (device, inode), or the device number of a
+    /// block device.
+    identity: (u64, u64),
 }
 
 fn size_of(file: &File, kind: BackingKind) -> std::io::Result<u64> {
@@ -177,6 +180,11 @@ impl Backing {
             }
             Err(source) => return Err(BackingError::Open { path, source }),
         };
+        let identity = if meta.file_type().is_block_device() {
+            (meta.rdev(), 0)
+        } else {
+            (meta.dev(), meta.ino())
+        };
         let kind = if meta.is_dir() {
             return Err(BackingError::Directory(path));
         } else if meta.is_file() {
@@ -253,7 +261,13 @@ impl Backing {
             mem_align,
             offset_align,
             size: AtomicU64::new(size),
+            identity,
         })
+    }
+
+    /// Whether both open the same file or device.
+    pub fn same_file(&self, other: &Backing) -> bool {
+        self.identity == other.identity
     }
 
     pub fn fd(&self) -> std::os::fd::RawFd {

@@ -113,6 +113,7 @@ impl From<PortError> for ControlError {
                 | crate::blk::BackingError::Resize { .. } => "io_error",
                 _ => "invalid_argument",
             },
+            PortError::Disk(crate::disk::DiskError::BackingInUse { .. }) => "exists",
             PortError::Disk(_) => "invalid_argument",
             PortError::Dataplane(crate::dataplane::DataplaneError::NoSuchWorker(..)) => {
                 "invalid_argument"
