@@ -2,7 +2,9 @@
 //! synchronous and pipelined block requests, and config-change notices.
 //!
 //! Every descriptor owns one `segment_size`-byte buffer slot in guest memory,
-//! fixed at set-up. A request is one chain: the 16-byte `virtio_blk_outhdr`
+//! fixed at set-up and aligned to the largest power of two (up to 4096) that
+//! divides `segment_size`, so that whole-page segments suit a backend doing
+//! direct I/O. A request is one chain: the 16-byte `virtio_blk_outhdr`
 //! in the head's slot, one descriptor per data segment (device-readable
 //! segments are copied into their slots, device-writable ones are read back
 //! at completion), and a last one-byte device-writable descriptor for the

@@ -17,7 +17,7 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::memory::GuestMemory;
+use super::memory::{GuestMemory, ALLOC_ALIGN};
 use super::GuestError;
 
 /// Descriptor flag: the chain continues at `next`.
@@ -212,9 +212,13 @@ impl SplitQueue {
         let desc = ptr(layout.desc, RingLayout::desc_bytes(size))?;
         let avail = ptr(layout.avail, RingLayout::avail_bytes(size))?;
         let used = ptr(layout.used, RingLayout::used_bytes(size))?;
+        // Buffers are aligned to their size's largest power-of-two factor
+        // (64 to 4096 bytes): buffers of whole sectors or pages are then
+        // sector- or page-aligned, as direct I/O in a block backend needs.
+        let align = (1usize << buf_len.trailing_zeros().min(31)).clamp(ALLOC_ALIGN, 4096);
         let mut slots = Vec::with_capacity(size as usize);
         for _ in 0..size {
-            let gpa = mem.alloc(buf_len as usize)?;
+            let gpa = mem.alloc_aligned(buf_len as usize, align)?;
             slots.push(Slot {
                 gpa,
                 host: ptr(gpa, buf_len as usize)?,
@@ -923,5 +927,22 @@ mod tests {
         let mem = GuestMemory::new(1 << 20, 1).unwrap();
         assert!(SplitQueue::new(&mem, 0, 64, true).is_err());
         assert!(SplitQueue::new(&mem, 6, 64, true).is_err());
+    }
+
+    #[test]
+    fn buffers_are_aligned_to_their_size() {
+        let mem = GuestMemory::new(4 << 20, 1).unwrap();
+        for (len, align) in [
+            (65536, 4096),
+            (8192, 4096),
+            (2048, 2048),
+            (512, 512),
+            (100, 64),
+        ] {
+            let q = SplitQueue::new(&mem, 8, len, true).unwrap();
+            for s in &q.slots {
+                assert_eq!(s.gpa % align, 0, "{len}-byte buffer at {:#x}", s.gpa);
+            }
+        }
     }
 }
