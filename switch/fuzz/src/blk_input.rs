@@ -63,7 +63,10 @@ pub fn run(data: &[u8]) -> Outcome {
         }
     }
     if res.is_ok() {
-        assert!(req.data_len + (HDR_LEN as u64) < total, "header and status are not data");
+        assert!(
+            req.data_len + (HDR_LEN as u64) < total,
+            "header and status are not data"
+        );
         let sum: u64 = req.data().iter().map(|s| u64::from(s.len)).sum();
         assert_eq!(sum, req.data_len);
         for s in req.data() {

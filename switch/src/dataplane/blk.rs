@@ -569,8 +569,14 @@ fn discard(slot: &mut Slot, ctx: &Serve<'_>, ud: u64, engine: &mut IoEngine, req
         return;
     }
     let n = req.data_len / blk::DISCARD_SEG_LEN as u64;
-    if req.data_len % blk::DISCARD_SEG_LEN as u64 != 0 || n == 0 || n > u64::from(MAX_DISCARD_SEG) {
+    if req.data_len % blk::DISCARD_SEG_LEN as u64 != 0 || n == 0 {
+        // Not a list of ranges at all.
         slot.fail(S_IOERR, BlkError::Unsupported);
+        return;
+    }
+    if n > u64::from(MAX_DISCARD_SEG) {
+        // More ranges than the configuration allows: as QEMU answers it.
+        slot.fail(S_UNSUPP, BlkError::Unsupported);
         return;
     }
     let block = u64::from(backing.block_size());
