@@ -61,12 +61,19 @@ pub struct JobStats {
     /// Submission-to-completion latency of the requests completed in the
     /// window (one sample each).
     pub lat: Hist,
+    /// Sum of those latencies, for the mean.
+    pub lat_sum_ns: u64,
 }
 
 impl JobStats {
     /// Completed requests per second.
     pub fn iops(&self) -> f64 {
         self.lat.count() as f64 / self.secs.max(1e-9)
+    }
+
+    /// Mean latency in ns (0 without samples).
+    pub fn mean_ns(&self) -> u64 {
+        self.lat_sum_ns.checked_div(self.lat.count()).unwrap_or(0)
     }
 }
 
@@ -155,6 +162,11 @@ impl Client {
     /// Run one request at offset `start` on the first `len` bytes of the
     /// buffer and wait for it.
     fn one(&mut self, write: bool, start: u64, len: usize) -> Result<(), BenchError> {
+        if len > self.region.len {
+            return Err(BenchError::Setup {
+                what: format!("{len} bytes do not fit the {}-byte buffer", self.region.len),
+            });
+        }
         let buf = self.region.addr as *mut u8;
         if write {
             self.queue.write(start, buf, len, 0, ReqFlags::empty());
@@ -329,13 +341,12 @@ impl Client {
                 // SAFETY: reap returned `n` initialised completions.
                 let slot = unsafe { self.completions[i].assume_init_ref() }.user_data;
                 let Some(t) = submitted_at.get_mut(slot) else {
-                    return Err(BenchError::Request {
-                        user_data: slot,
-                        errno: Errno::INVAL,
-                    });
+                    return Err(BenchError::UnknownCompletion(slot));
                 };
                 if measuring {
-                    stats.lat.record(now.duration_since(*t).as_nanos() as u64);
+                    let ns = now.duration_since(*t).as_nanos() as u64;
+                    stats.lat.record(ns);
+                    stats.lat_sum_ns += ns;
                 }
                 if draining {
                     in_flight -= 1;
@@ -347,5 +358,20 @@ impl Client {
         }
         stats.secs = window.as_secs_f64();
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_never_zero_and_differs_per_word() {
+        let words: Vec<u64> = (0..4096).map(|i| pattern_word(8 * i)).collect();
+        assert!(words.iter().all(|&w| w != 0));
+        let mut sorted = words.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), words.len());
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release -p vioswitch-bench --bin blk_bench -- [options]`
 //!
-//! For each repeat, each target and each backing, a server is started on the
+//! For each repeat and each target (a server and its backing), the server is
+//! started on the
 //! server core, the client (this process) connects from the client core,
 //! checks that data moves, and runs every job: a warm-up, then a measured
 //! window. The tables show the median repeat. See bench/RESULTS.md.
@@ -28,7 +29,7 @@ use clap::Parser;
 
 use client::{Client, Contents, Job, JobStats};
 use report::Run;
-use server::{Backing, Qsd, Server, SwitchDisk};
+use server::{Qsd, QsdNode, Server, SwitchDisk};
 use sysstat::{CpuSnap, Interference};
 
 /// Errors of the disk benchmark.
@@ -59,6 +60,8 @@ pub enum BenchError {
         user_data: usize,
         errno: blkio::Errno,
     },
+    #[error("a completion for request {0}, which was never submitted")]
+    UnknownCompletion(usize),
     #[error("no completion for {0:?}: the server stopped answering")]
     Stalled(Duration),
     #[error("data check failed: {0}")]
@@ -106,13 +109,16 @@ pub fn pin_current_thread(core: usize) -> Result<(), BenchError> {
 #[derive(Parser, Debug, Clone)]
 #[command(version, about)]
 struct Args {
-    /// Servers to measure: any of vioswitch, qsd.
-    #[arg(long, value_delimiter = ',', default_value = "vioswitch,qsd")]
-    targets: Vec<String>,
-    /// Backings: file (a page-cached raw image, both servers) and null (qsd
-    /// null-co only: a ceiling without file I/O).
-    #[arg(long, value_delimiter = ',', default_value = "file,null")]
-    backings: Vec<String>,
+    /// Servers to measure, in this order within each repeat. vioswitch and
+    /// qsd-* share one page-cached raw image; qsd-null is qsd's null-co (no
+    /// file I/O, a ceiling: vioswitch has no null backing).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "vioswitch,qsd-threads,qsd-io_uring,qsd-null"
+    )]
+    targets: Vec<Target>,
     /// Jobs to run [default: all]: randread-4k-qd1, randread-4k-qd32,
     /// seqread-64k, seqwrite-64k.
     #[arg(long, value_delimiter = ',')]
@@ -152,9 +158,6 @@ struct Args {
     /// The qemu-storage-daemon binary.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: String,
-    /// aio mode of qsd's file driver: threads, native or io_uring.
-    #[arg(long, default_value = "threads")]
-    qsd_aio: String,
     /// The vioswitch binary [default: `vioswitch` beside this binary, e.g.
     /// target/release/vioswitch].
     #[arg(long)]
@@ -204,11 +207,21 @@ fn all_jobs(seq_depth: usize) -> [Job; 4] {
     ]
 }
 
-/// Which server exports the disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A server and what backs its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
+    /// vioswitch on the image file.
+    #[value(name = "vioswitch")]
     Vioswitch,
-    Qsd,
+    /// qsd on the image file, `aio=threads` (qsd's default).
+    #[value(name = "qsd-threads")]
+    QsdThreads,
+    /// qsd on the image file, `aio=io_uring`.
+    #[value(name = "qsd-io_uring")]
+    QsdIoUring,
+    /// qsd on `null-co`: the vhost-user ceiling without file I/O.
+    #[value(name = "qsd-null")]
+    QsdNull,
 }
 
 impl Target {
@@ -216,7 +229,17 @@ impl Target {
     pub fn key(self) -> &'static str {
         match self {
             Target::Vioswitch => "vioswitch",
-            Target::Qsd => "qsd",
+            Target::QsdThreads => "qsd-threads",
+            Target::QsdIoUring => "qsd-io_uring",
+            Target::QsdNull => "qsd-null",
+        }
+    }
+
+    /// What backs the disk: `file` (the page-cached image) or `null`.
+    pub fn backing(self) -> &'static str {
+        match self {
+            Target::QsdNull => "null",
+            _ => "file",
         }
     }
 }
@@ -262,13 +285,10 @@ fn prepare_image(path: &Path, size: u64) -> Result<(), BenchError> {
 
 /// Flush what a write job left dirty, so that the next server does not pay
 /// for its writeback.
-fn settle_image(backing: &Backing) -> Result<(), BenchError> {
-    if let Backing::File(path) = backing {
-        std::fs::File::open(path)
-            .and_then(|f| f.sync_data())
-            .map_err(|e| BenchError::io(path, e))?;
-    }
-    Ok(())
+fn settle_image(path: &Path) -> Result<(), BenchError> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_data())
+        .map_err(|e| BenchError::io(path, e))
 }
 
 /// Clock ticks per second of /proc's CPU times.
@@ -301,48 +321,48 @@ fn connect(args: &Args, socket: &Path, buf_len: usize) -> Result<Client, BenchEr
 fn session(
     args: &Args,
     target: Target,
-    backing: &Backing,
+    image: &Path,
     jobs: &[Job],
     repeat: usize,
     work: &Path,
 ) -> Result<Vec<Run>, BenchError> {
     eprintln!(
-        "== repeat {}/{}: {} on {}",
+        "== repeat {}/{}: {} ({})",
         repeat + 1,
         args.repeat,
         target.key(),
-        backing.key()
+        target.backing()
     );
-    let server: Box<dyn Server> = match (target, backing) {
-        (Target::Qsd, b) => Box::new(Qsd::start(
-            &args.qsd,
-            b,
-            &args.qsd_aio,
-            args.server_core,
-            work,
-        )?),
-        (Target::Vioswitch, Backing::File(img)) => Box::new(SwitchDisk::start(
+    let qsd = |node| Qsd::start(&args.qsd, node, args.server_core, work);
+    let server: Box<dyn Server> = match target {
+        Target::Vioswitch => Box::new(SwitchDisk::start(
             &match &args.vioswitch {
                 Some(p) => p.clone(),
                 None => default_vioswitch()?,
             },
-            img,
+            image,
             args.idle_poll_us,
             &args.switch_args,
             args.server_core,
             args.client_core,
         )?),
-        (Target::Vioswitch, Backing::Null(_)) => {
-            return Err(BenchError::Setup {
-                what: "vioswitch has no null backing".into(),
-            })
-        }
+        Target::QsdThreads => Box::new(qsd(QsdNode::File {
+            image,
+            aio: "threads",
+        })?),
+        Target::QsdIoUring => Box::new(qsd(QsdNode::File {
+            image,
+            aio: "io_uring",
+        })?),
+        Target::QsdNull => Box::new(qsd(QsdNode::Null {
+            size: args.size_mib << 20,
+        })?),
     };
     let buf_len = jobs.iter().map(|j| j.block * j.depth).max().unwrap_or(0);
     let mut client = connect(args, server.socket(), buf_len.max(64 << 10))?;
-    let contents = match backing {
-        Backing::File(_) => Contents::Pattern,
-        Backing::Null(_) => Contents::Zeroes,
+    let contents = match target {
+        Target::QsdNull => Contents::Zeroes,
+        _ => Contents::Pattern,
     };
     client.check_data(contents)?;
     let mut runs = Vec::new();
@@ -361,7 +381,6 @@ fn session(
         let server_ticks = sysstat::proc_ticks(server.pid()).saturating_sub(server_before);
         let run = Run {
             target,
-            backing: backing.key(),
             job: *job,
             repeat,
             stats,
@@ -375,21 +394,10 @@ fn session(
     }
     drop(client);
     drop(server);
-    settle_image(backing)?;
+    if target.backing() == "file" {
+        settle_image(image)?;
+    }
     Ok(runs)
-}
-
-fn parse_targets(args: &Args) -> Result<Vec<Target>, BenchError> {
-    args.targets
-        .iter()
-        .map(|t| match t.as_str() {
-            "vioswitch" => Ok(Target::Vioswitch),
-            "qsd" => Ok(Target::Qsd),
-            other => Err(BenchError::Setup {
-                what: format!("unknown target {other:?} (vioswitch, qsd)"),
-            }),
-        })
-        .collect()
 }
 
 fn select_jobs(args: &Args) -> Result<Vec<Job>, BenchError> {
@@ -424,40 +432,20 @@ fn run(args: &Args) -> Result<(), BenchError> {
         })?;
     }
     pin_current_thread(args.client_core)?;
-    let targets = parse_targets(args)?;
     let jobs = select_jobs(args)?;
     let size = args.size_mib << 20;
     let work = vioswitch_testkit::temp_dir("vioswitch-blkbench")
         .map_err(|e| BenchError::io(&std::env::temp_dir(), e))?;
     let image = args.image.clone().unwrap_or_else(|| work.join("disk.img"));
-
-    let mut cases: Vec<(Target, Backing)> = Vec::new();
-    for b in &args.backings {
-        let backing = match b.as_str() {
-            "file" => Backing::File(image.clone()),
-            "null" => Backing::Null(size),
-            other => {
-                return Err(BenchError::Setup {
-                    what: format!("unknown backing {other:?} (file, null)"),
-                })
-            }
-        };
-        for &t in &targets {
-            // vioswitch has no null driver: null-co is qsd's ceiling only.
-            if !(t == Target::Vioswitch && backing.key() == "null") {
-                cases.push((t, backing.clone()));
-            }
-        }
-    }
-    if cases.iter().any(|(_, b)| b.key() == "file") {
+    if args.targets.iter().any(|t| t.backing() == "file") {
         prepare_image(&image, size)?;
     }
 
     let result = (|| {
         let mut runs = Vec::new();
         for repeat in 0..args.repeat {
-            for (t, b) in &cases {
-                runs.extend(session(args, *t, b, &jobs, repeat, &work)?);
+            for &t in &args.targets {
+                runs.extend(session(args, t, &image, &jobs, repeat, &work)?);
             }
         }
         Ok::<_, BenchError>(runs)
@@ -483,5 +471,34 @@ fn main() -> ExitCode {
             eprintln!("blk_bench: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_by_their_keys() {
+        let a = Args::try_parse_from(["blk_bench", "--targets", "qsd-io_uring,vioswitch"]).unwrap();
+        assert_eq!(a.targets, [Target::QsdIoUring, Target::Vioswitch]);
+        let d = Args::try_parse_from(["blk_bench"]).unwrap();
+        let keys: Vec<&str> = d.targets.iter().map(|t| t.key()).collect();
+        assert_eq!(
+            keys,
+            ["vioswitch", "qsd-threads", "qsd-io_uring", "qsd-null"]
+        );
+        assert!(Args::try_parse_from(["blk_bench", "--targets", "qsd"]).is_err());
+    }
+
+    #[test]
+    fn jobs_select_by_name() {
+        let a = Args::try_parse_from(["blk_bench", "--jobs", "seqwrite-64k", "--seq-depth", "4"])
+            .unwrap();
+        let jobs = select_jobs(&a).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert!(jobs[0].write && !jobs[0].random && jobs[0].depth == 4);
+        let bad = Args::try_parse_from(["blk_bench", "--jobs", "nope"]).unwrap();
+        assert!(select_jobs(&bad).is_err());
     }
 }

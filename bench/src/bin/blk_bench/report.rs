@@ -1,5 +1,5 @@
-//! Results: one [`Run`] per (repeat, target, backing, job), the median run
-//! of each (target, backing, job), the markdown tables and the JSON.
+//! Results: one [`Run`] per (repeat, target, job), the median run of each
+//! (target, job), the markdown tables and the JSON.
 
 use serde_json::{json, Value};
 
@@ -10,8 +10,6 @@ use crate::Target;
 /// One measured job of one server session.
 pub struct Run {
     pub target: Target,
-    /// `file` or `null`.
-    pub backing: &'static str,
     pub job: Job,
     pub repeat: usize,
     pub stats: JobStats,
@@ -36,10 +34,11 @@ impl Run {
     /// One line for the progress log.
     pub fn summary(&self) -> String {
         format!(
-            "{:<17} {:>9.0} IOPS {:>8.1} MB/s  p50 {} µs p99 {} µs  server CPU {:.0}%  steal {:.1}% other {:.1}%",
+            "{:<17} {:>9.0} IOPS {:>8.1} MB/s  mean {} p50 {} p99 {} µs  server CPU {:.0}%  steal {:.1}% other {:.1}%",
             self.job.name,
             self.stats.iops(),
             self.mbps(),
+            us(Some(self.stats.mean_ns())),
             us(self.stats.lat.percentile(50.0)),
             us(self.stats.lat.percentile(99.0)),
             self.server_cpu_pct,
@@ -49,7 +48,7 @@ impl Run {
     }
 
     fn same_case(&self, o: &Run) -> bool {
-        self.target == o.target && self.backing == o.backing && self.job.name == o.job.name
+        self.target == o.target && self.job.name == o.job.name
     }
 }
 
@@ -62,7 +61,7 @@ struct Median<'a> {
     worst_other_pct: f64,
 }
 
-/// The median of each (target, backing, job), in the order first run.
+/// The median of each (target, job), in the order first run.
 fn medians(runs: &[Run]) -> Vec<Median<'_>> {
     let mut out: Vec<Median> = Vec::new();
     for r in runs {
@@ -85,14 +84,9 @@ fn medians(runs: &[Run]) -> Vec<Median<'_>> {
     out
 }
 
-fn find<'a>(
-    med: &'a [Median<'a>],
-    target: Target,
-    backing: &str,
-    job: &str,
-) -> Option<&'a Median<'a>> {
+fn find<'a>(med: &'a [Median<'a>], target: Target, job: &str) -> Option<&'a Median<'a>> {
     med.iter()
-        .find(|m| m.run.target == target && m.run.backing == backing && m.run.job.name == job)
+        .find(|m| m.run.target == target && m.run.job.name == job)
 }
 
 /// Print the tables (markdown) on stdout.
@@ -103,20 +97,21 @@ pub fn print_tables(runs: &[Run], repeats: usize) {
     println!("the client; server CPU in % of one core; \"others\" = most CPU of both cores lost to other processes");
     println!("and steal in any of the line's runs):");
     println!();
-    println!("| target | backing | job | depth | IOPS | min–max IOPS | MB/s | p50 µs | p99 µs | server CPU % | others % |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| target | backing | job | depth | IOPS | min–max IOPS | MB/s | mean µs | p50 µs | p99 µs | server CPU % | others % |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in &med {
         let r = m.run;
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {} | {} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {} | {} | {} | {:.0} | {:.1} |",
             r.target.key(),
-            r.backing,
+            r.target.backing(),
             r.job.name,
             r.job.depth,
             r.stats.iops(),
             m.lo,
             m.hi,
             r.mbps(),
+            us(Some(r.stats.mean_ns())),
             us(r.stats.lat.percentile(50.0)),
             us(r.stats.lat.percentile(99.0)),
             r.server_cpu_pct,
@@ -124,10 +119,11 @@ pub fn print_tables(runs: &[Run], repeats: usize) {
         );
     }
     println!();
-    println!("vioswitch / qsd on the same page-cached file (qsd null-co: the vhost-user ceiling without file I/O):");
+    println!("vioswitch / qsd on the same page-cached image, per qsd aio mode (qsd-null: qsd on null-co, the");
+    println!("vhost-user ceiling without file I/O, not a like-for-like reference):");
     println!();
-    println!("| job | qsd file IOPS | vioswitch file IOPS | vioswitch / qsd | qsd QD1 p50 µs | vioswitch QD1 p50 µs | qsd null-co IOPS |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| job | vioswitch IOPS | qsd-threads IOPS | vioswitch / qsd-threads | qsd-io_uring IOPS | vioswitch / qsd-io_uring | qsd-null IOPS | QD1 p50 µs vioswitch / qsd-threads / qsd-io_uring |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
     let mut jobs: Vec<&Job> = Vec::new();
     for m in &med {
         if !jobs.iter().any(|j| j.name == m.run.job.name) {
@@ -135,29 +131,31 @@ pub fn print_tables(runs: &[Run], repeats: usize) {
         }
     }
     let iops = |m: Option<&Median>| m.map_or("-".into(), |m| format!("{:.0}", m.run.stats.iops()));
-    let p50 = |m: Option<&Median>, job: &Job| match m {
-        Some(m) if job.depth == 1 => us(m.run.stats.lat.percentile(50.0)),
+    let ratio = |v: Option<&Median>, q: Option<&Median>| match (v, q) {
+        (Some(v), Some(q)) => format!("{:.2}", v.run.stats.iops() / q.run.stats.iops().max(1e-9)),
         _ => "-".into(),
     };
+    let p50 = |m: Option<&Median>| us(m.and_then(|m| m.run.stats.lat.percentile(50.0)));
     for job in jobs {
-        let q = find(&med, Target::Qsd, "file", job.name);
-        let v = find(&med, Target::Vioswitch, "file", job.name);
-        let n = find(&med, Target::Qsd, "null", job.name);
-        let ratio = match (q, v) {
-            (Some(q), Some(v)) => {
-                format!("{:.2}", v.run.stats.iops() / q.run.stats.iops().max(1e-9))
-            }
-            _ => "-".into(),
+        let v = find(&med, Target::Vioswitch, job.name);
+        let t = find(&med, Target::QsdThreads, job.name);
+        let u = find(&med, Target::QsdIoUring, job.name);
+        let n = find(&med, Target::QsdNull, job.name);
+        let lat = if job.depth == 1 {
+            format!("{} / {} / {}", p50(v), p50(t), p50(u))
+        } else {
+            "-".into()
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             job.name,
-            iops(q),
             iops(v),
-            ratio,
-            p50(q, job),
-            p50(v, job),
+            iops(t),
+            ratio(v, t),
+            iops(u),
+            ratio(v, u),
             iops(n),
+            lat,
         );
     }
     println!();
@@ -174,7 +172,7 @@ pub fn print_tables(runs: &[Run], repeats: usize) {
 fn run_json(r: &Run) -> Value {
     json!({
         "target": r.target.key(),
-        "backing": r.backing,
+        "backing": r.target.backing(),
         "job": r.job.name,
         "block": r.job.block,
         "depth": r.job.depth,
@@ -185,6 +183,7 @@ fn run_json(r: &Run) -> Value {
         "secs": r.stats.secs,
         "iops": r.stats.iops(),
         "mbps": r.mbps(),
+        "lat_mean_ns": r.stats.mean_ns(),
         "lat_p50_ns": r.stats.lat.percentile(50.0),
         "lat_p99_ns": r.stats.lat.percentile(99.0),
         "server_cpu_pct": r.server_cpu_pct,
@@ -204,11 +203,14 @@ pub fn to_json(runs: &[Run], args: &str) -> Value {
             let mut v = run_json(m.run);
             v["min_iops"] = json!(m.lo);
             v["max_iops"] = json!(m.hi);
-            v["ratio_vs_qsd_file"] = match (m.run.target, find(&med, Target::Qsd, "file", m.run.job.name)) {
-                (Target::Vioswitch, Some(q)) if m.run.backing == "file" =>
-                    json!(m.run.stats.iops() / q.run.stats.iops().max(1e-9)),
-                _ => Value::Null,
-            };
+            if m.run.target == Target::Vioswitch {
+                for q in [Target::QsdThreads, Target::QsdIoUring] {
+                    if let Some(q) = find(&med, q, m.run.job.name) {
+                        v[format!("ratio_vs_{}", q.run.target.key())] =
+                            json!(m.run.stats.iops() / q.run.stats.iops().max(1e-9));
+                    }
+                }
+            }
             v
         }).collect::<Vec<_>>(),
     })

@@ -12,24 +12,15 @@ use vioswitch_testkit::switch::{HarnessError, SwitchOptions, SwitchProcess};
 
 use crate::{pin_current_thread, stopped, BenchError};
 
-/// What a disk is backed by.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backing {
-    /// A raw image file, pre-filled and in the page cache.
-    File(PathBuf),
-    /// qsd's `null-co` driver of this many bytes (`read-zeroes=on`): the
-    /// cost of the vhost-user path alone, a ceiling with no file I/O.
-    Null(u64),
-}
-
-impl Backing {
-    /// Short name for the tables.
-    pub fn key(&self) -> &'static str {
-        match self {
-            Backing::File(_) => "file",
-            Backing::Null(_) => "null",
-        }
-    }
+/// The block node that qsd exports.
+#[derive(Debug, Clone, Copy)]
+pub enum QsdNode<'a> {
+    /// A raw image file, through the page cache (`cache.direct=off`), with
+    /// this `aio=` mode (`threads`: qsd's default, `io_uring`).
+    File { image: &'a Path, aio: &'a str },
+    /// The `null-co` driver of this many bytes (`read-zeroes=on`): the cost
+    /// of the vhost-user path alone, a ceiling with no file I/O.
+    Null { size: u64 },
 }
 
 /// A running server that exports one disk over a vhost-user socket.
@@ -56,26 +47,19 @@ pub struct Qsd {
 }
 
 impl Qsd {
-    /// Start `binary` on `core` with `backing` exported at `dir/qsd.sock`;
-    /// `aio` is the file driver's `aio=` mode.
-    pub fn start(
-        binary: &str,
-        backing: &Backing,
-        aio: &str,
-        core: usize,
-        dir: &Path,
-    ) -> Result<Qsd, BenchError> {
+    /// Start `binary` on `core` with `node` exported at `dir/qsd.sock`.
+    pub fn start(binary: &str, node: QsdNode, core: usize, dir: &Path) -> Result<Qsd, BenchError> {
         let socket = dir.join("qsd.sock");
         let _ = std::fs::remove_file(&socket);
-        let (blockdev, node) = match backing {
-            Backing::File(img) => (
+        let (blockdev, node) = match node {
+            QsdNode::File { image, aio } => (
                 format!(
                     "driver=file,node-name=f0,filename={},cache.direct=off,aio={aio}",
-                    qemu_opt(&img.to_string_lossy())
+                    qemu_opt(&image.to_string_lossy())
                 ),
                 "f0",
             ),
-            Backing::Null(size) => (
+            QsdNode::Null { size } => (
                 format!("driver=null-co,node-name=n0,size={size},read-zeroes=on"),
                 "n0",
             ),
@@ -251,5 +235,16 @@ impl Server for SwitchDisk {
     }
     fn cmdline(&self) -> &str {
         &self.cmdline
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_options_escape_commas() {
+        assert_eq!(qemu_opt("/tmp/a,b/c.img"), "/tmp/a,,b/c.img");
+        assert_eq!(qemu_opt("/tmp/plain"), "/tmp/plain");
     }
 }
