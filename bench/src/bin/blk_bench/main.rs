@@ -48,7 +48,7 @@ pub enum BenchError {
     Switch { msg: String },
     #[error(
         "{} has no disk support yet: the control command disk.add was answered {answer}; \
-         build a vioswitch with virtio-blk disks (disk.add) or leave it out with --targets qsd",
+         build a vioswitch with virtio-blk disks (disk.add) or leave it out with --targets qsd-threads,qsd-io_uring,qsd-null",
         binary.display()
     )]
     NoDiskSupport {

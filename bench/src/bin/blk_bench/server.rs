@@ -178,12 +178,30 @@ impl SwitchDisk {
             binary: Some(binary.to_path_buf()),
         });
         pin_current_thread(client_core)?;
-        let mut sw = spawned.map_err(|e| BenchError::Switch {
+        let sw = spawned.map_err(|e| BenchError::Switch {
             msg: format!("{} did not start: {e}", binary.display()),
         })?;
         let args = json!({ "name": "d0", "path": image, "queues": 1 });
-        let result = match sw.call("disk.add", args.clone()) {
-            Ok(r) => r,
+        // From here on, dropping `disk` on an error stops the switch and
+        // removes its run directory.
+        let mut disk = SwitchDisk {
+            cmdline: format!(
+                "taskset -c {core} {} --run-dir {} --workers 1 {}; control: \
+                 {{\"cmd\":\"disk.add\",\"args\":{args}}}",
+                binary.display(),
+                sw.run_dir().display(),
+                extra_args.join(" "),
+            ),
+            // The interface promises RUN_DIR/d0.sock; the answer may say.
+            socket: sw.run_dir().join("d0.sock"),
+            sw,
+        };
+        match disk.sw.call("disk.add", args.clone()) {
+            Ok(result) => {
+                if let Some(s) = result.get("socket").and_then(Value::as_str) {
+                    disk.socket = PathBuf::from(s);
+                }
+            }
             Err(HarnessError::Command { error, .. })
                 if error["code"].as_str() == Some("unknown_command") =>
             {
@@ -197,32 +215,27 @@ impl SwitchDisk {
                     msg: format!("disk.add {args}: {e}"),
                 })
             }
-        };
-        // The answer names the socket; the interface promises RUN_DIR/d0.sock.
-        let socket = match result.get("socket").and_then(Value::as_str) {
-            Some(s) => PathBuf::from(s),
-            None => sw.run_dir().join("d0.sock"),
-        };
-        let cmdline = format!(
-            "taskset -c {core} {} --run-dir {} --workers 1 {}; control: {{\"cmd\":\"disk.add\",\"args\":{args}}}",
-            binary.display(),
-            sw.run_dir().display(),
-            extra_args.join(" "),
-        );
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        while !disk.socket.exists() {
             if Instant::now() > deadline || stopped() {
                 return Err(BenchError::Switch {
-                    msg: format!("disk.add answered but {} never appeared", socket.display()),
+                    msg: format!(
+                        "disk.add answered but {} never appeared",
+                        disk.socket.display()
+                    ),
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(SwitchDisk {
-            sw,
-            socket,
-            cmdline,
-        })
+        Ok(disk)
+    }
+}
+
+impl Drop for SwitchDisk {
+    fn drop(&mut self) {
+        self.sw.kill();
+        let _ = std::fs::remove_dir_all(self.sw.run_dir());
     }
 }
 
