@@ -284,10 +284,13 @@ impl Client {
             });
         }
         let block = job.block as u64;
-        let blocks = (self.capacity - RESERVED) / block;
+        let blocks = self.capacity.saturating_sub(RESERVED) / block;
         if blocks == 0 {
             return Err(BenchError::Setup {
-                what: format!("{}: the disk is smaller than one block", job.name),
+                what: format!(
+                    "{}: the disk has no block past its first {RESERVED} bytes",
+                    job.name
+                ),
             });
         }
         let mut rng = seed | 1;

@@ -124,8 +124,8 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     jobs: Vec<String>,
     /// Requests in flight for the sequential 64 KiB jobs.
-    #[arg(long, default_value_t = 16)]
-    seq_depth: usize,
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    seq_depth: u16,
     /// Seconds of each job's measured window.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
@@ -401,7 +401,7 @@ fn session(
 }
 
 fn select_jobs(args: &Args) -> Result<Vec<Job>, BenchError> {
-    let all = all_jobs(args.seq_depth);
+    let all = all_jobs(usize::from(args.seq_depth));
     if args.jobs.is_empty() {
         return Ok(all.to_vec());
     }
