@@ -52,13 +52,26 @@ impl Run {
     }
 }
 
-/// The median run (by IOPS) of one case, with the lowest and highest IOPS.
+/// Rounds that lost more than this share of both cores' time to other
+/// processes or to the hypervisor are left out of a line's median when the
+/// line has quieter rounds (as in the net benchmark).
+pub const BUSY_PCT: f64 = 5.0;
+
+/// The median run (by IOPS) of one case, over its quiet rounds if it has
+/// any, else over all, with the lowest and highest IOPS of those.
 struct Median<'a> {
     run: &'a Run,
     lo: f64,
     hi: f64,
-    /// The most CPU lost to other processes and steal in any of its runs.
-    worst_other_pct: f64,
+    /// Which rounds were counted, e.g. "2 quiet of 3".
+    counted: String,
+}
+
+impl Run {
+    /// CPU share of both cores lost to other processes and steal.
+    fn lost_pct(&self) -> f64 {
+        self.interference.other_pct + self.interference.steal_pct
+    }
 }
 
 /// The median of each (target, job), in the order first run.
@@ -68,17 +81,24 @@ fn medians(runs: &[Run]) -> Vec<Median<'_>> {
         if out.iter().any(|m| m.run.same_case(r)) {
             continue;
         }
-        let mut all: Vec<&Run> = runs.iter().filter(|o| o.same_case(r)).collect();
-        all.sort_by(|a, b| a.stats.iops().total_cmp(&b.stats.iops()));
-        let worst_other_pct = all
+        let all: Vec<&Run> = runs.iter().filter(|o| o.same_case(r)).collect();
+        let quiet: Vec<&Run> = all
             .iter()
-            .map(|o| o.interference.other_pct + o.interference.steal_pct)
-            .fold(0.0, f64::max);
+            .copied()
+            .filter(|o| o.lost_pct() < BUSY_PCT)
+            .collect();
+        let counted = if quiet.is_empty() {
+            format!("{} busy", all.len())
+        } else {
+            format!("{} quiet of {}", quiet.len(), all.len())
+        };
+        let mut used = if quiet.is_empty() { all } else { quiet };
+        used.sort_by(|a, b| a.stats.iops().total_cmp(&b.stats.iops()));
         out.push(Median {
-            run: all[(all.len() - 1) / 2],
-            lo: all[0].stats.iops(),
-            hi: all[all.len() - 1].stats.iops(),
-            worst_other_pct,
+            run: used[(used.len() - 1) / 2],
+            lo: used[0].stats.iops(),
+            hi: used[used.len() - 1].stats.iops(),
+            counted,
         });
     }
     out
@@ -93,16 +113,17 @@ fn find<'a>(med: &'a [Median<'a>], target: Target, job: &str) -> Option<&'a Medi
 pub fn print_tables(runs: &[Run], repeats: usize) {
     let med = medians(runs);
     println!();
-    println!("Median of {repeats} runs per line (IOPS; MB/s = 10^6 B/s; latency from submission to completion in");
-    println!("the client; server CPU in % of one core; \"others\" = most CPU of both cores lost to other processes");
-    println!("and steal in any of the line's runs):");
+    println!("Median run of each line over its quiet rounds (other processes and steal took under {BUSY_PCT}% of both");
+    println!("cores), over all {repeats} if none was quiet; min–max over the same rounds. MB/s = 10^6 B/s; latency from");
+    println!("submission to completion in the client; server CPU in % of one core; \"others\" = CPU share of both");
+    println!("cores lost to other processes and steal in the median run:");
     println!();
-    println!("| target | backing | job | depth | IOPS | min–max IOPS | MB/s | mean µs | p50 µs | p99 µs | server CPU % | others % |");
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| target | backing | job | depth | IOPS | min–max IOPS | rounds | MB/s | mean µs | p50 µs | p99 µs | server CPU % | others % |");
+    println!("|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for m in &med {
         let r = m.run;
         println!(
-            "| {} | {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {} | {} | {} | {:.0} | {:.1} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0}–{:.0} | {} | {:.1} | {} | {} | {} | {:.0} | {:.1} |",
             r.target.key(),
             r.target.backing(),
             r.job.name,
@@ -110,12 +131,13 @@ pub fn print_tables(runs: &[Run], repeats: usize) {
             r.stats.iops(),
             m.lo,
             m.hi,
+            m.counted,
             r.mbps(),
             us(Some(r.stats.mean_ns())),
             us(r.stats.lat.percentile(50.0)),
             us(r.stats.lat.percentile(99.0)),
             r.server_cpu_pct,
-            m.worst_other_pct,
+            r.lost_pct(),
         );
     }
     println!();
@@ -203,6 +225,7 @@ pub fn to_json(runs: &[Run], args: &str) -> Value {
             let mut v = run_json(m.run);
             v["min_iops"] = json!(m.lo);
             v["max_iops"] = json!(m.hi);
+            v["rounds"] = json!(m.counted);
             if m.run.target == Target::Vioswitch {
                 for q in [Target::QsdThreads, Target::QsdIoUring] {
                     if let Some(q) = find(&med, q, m.run.job.name) {
@@ -214,4 +237,58 @@ pub fn to_json(runs: &[Run], args: &str) -> Value {
             v
         }).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hist::Hist;
+
+    fn run(repeat: usize, ios: u64, other_pct: f64) -> Run {
+        let mut lat = Hist::default();
+        for _ in 0..ios {
+            lat.record(1000);
+        }
+        Run {
+            target: Target::QsdNull,
+            job: Job {
+                name: "randread-4k-qd1",
+                block: 4096,
+                depth: 1,
+                random: true,
+                write: false,
+            },
+            repeat,
+            stats: JobStats {
+                lat,
+                lat_sum_ns: 1000 * ios,
+                secs: 1.0,
+            },
+            server_cpu_pct: 50.0,
+            interference: Interference {
+                steal_pct: 0.0,
+                other_pct,
+            },
+            cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn median_prefers_quiet_rounds() {
+        let runs = [
+            run(0, 10, 40.0),
+            run(1, 30, 0.5),
+            run(2, 20, 1.0),
+            run(3, 5, 0.0),
+        ];
+        let med = medians(&runs);
+        assert_eq!(med.len(), 1);
+        assert_eq!(med[0].run.repeat, 2);
+        assert_eq!((med[0].lo, med[0].hi), (5.0, 30.0));
+        assert_eq!(med[0].counted, "3 quiet of 4");
+        let busy = [run(0, 10, 40.0), run(1, 30, 50.0)];
+        let med = medians(&busy);
+        assert_eq!(med[0].run.repeat, 0);
+        assert_eq!(med[0].counted, "2 busy");
+    }
 }
