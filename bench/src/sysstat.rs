@@ -20,7 +20,8 @@ pub struct Interference {
     pub other_pct: f64,
 }
 
-fn proc_ticks(pid: u32) -> u64 {
+/// utime + stime of `pid` (0: this process) in clock ticks, 0 if unknown.
+pub fn proc_ticks(pid: u32) -> u64 {
     let path = if pid == 0 {
         "/proc/self/stat".to_string()
     } else {
