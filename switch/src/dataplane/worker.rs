@@ -164,7 +164,9 @@ impl Worker {
             if work > 0 {
                 self.stats.add_batch(work as u64);
                 last_work = now;
-            } else if now.duration_since(last_work) >= self.config.idle_poll {
+            } else if now.duration_since(last_work) < self.config.idle_poll {
+                self.wait_for_io();
+            } else {
                 self.stats
                     .add_busy(now.duration_since(busy_since).as_nanos() as u64);
                 self.sleep();
@@ -179,6 +181,18 @@ impl Worker {
                 self.stats
                     .add_busy(now.duration_since(busy_since).as_nanos() as u64);
                 busy_since = now;
+            }
+        }
+    }
+
+    /// Between two polls without work: when disk I/O is in flight and none
+    /// has finished, give the CPU to whoever runs it (io_uring's kernel
+    /// workers or the thread pool, often on this core) instead of spinning.
+    #[inline]
+    fn wait_for_io(&mut self) {
+        if let Some(e) = self.engine.as_mut() {
+            if e.in_flight() > 0 && !e.has_completions() {
+                std::thread::yield_now();
             }
         }
     }
