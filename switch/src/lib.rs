@@ -18,6 +18,7 @@ pub mod io_engine;
 pub mod mem;
 pub mod mem_fault;
 pub mod port;
+pub mod qos;
 pub mod stats;
 pub mod vhost_user;
 pub mod vring;

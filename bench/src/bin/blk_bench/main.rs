@@ -107,7 +107,7 @@ pub fn pin_current_thread(core: usize) -> Result<(), BenchError> {
 /// virtio-blk throughput and latency: vioswitch vs qemu-storage-daemon,
 /// measured with libblkio's virtio-blk-vhost-user driver.
 #[derive(Parser, Debug, Clone)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Servers to measure, in this order within each repeat. vioswitch and
     /// qsd-* share one page-cached raw image; qsd-null is qsd's null-co (no
