@@ -21,6 +21,7 @@ packages=(
     xz-utils
     zstd
     util-linux # flock
+    e2fsprogs # chattr: control_disk makes a backing file immutable
     # DPDK vhost-user PMD (testpmd) for interoperability tests
     dpdk
     dpdk-dev
