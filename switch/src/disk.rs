@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blk::{BackingError, DiskParams, ID_LEN, MAX_DISK_QUEUES};
 use crate::port::{PortMode, PortSpec};
+use crate::qos::QosSpec;
 
 /// Default largest ring a disk accepts (QEMU's vhost-user-blk uses 128 or 256).
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
@@ -61,6 +62,9 @@ pub struct DiskSpec {
     pub group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perm: Option<String>,
+    /// Limits and share (`qos.set`).
+    #[serde(default, skip_serializing_if = "QosSpec::is_empty")]
+    pub qos: QosSpec,
 }
 
 fn one() -> u16 {
@@ -93,6 +97,7 @@ impl DiskSpec {
             owner: None,
             group: None,
             perm: None,
+            qos: QosSpec::default(),
         }
     }
 
@@ -140,6 +145,7 @@ impl DiskSpec {
             group: self.group.clone(),
             perm: self.perm.clone(),
             mode: self.mode,
+            qos: self.qos,
             ..PortSpec::server(&self.name, self.socket.clone())
         }
     }

@@ -31,6 +31,7 @@ use crate::dataplane::{
 use crate::disk::DiskSpec;
 use crate::events::EventBus;
 use crate::fdb::PortIdx;
+use crate::qos::{QosError, QosSpec};
 use crate::stats::DiskStats;
 use crate::stats::PortStats;
 use crate::vhost_user::blk::{BlkDevice, ConfigNotifier};
@@ -98,6 +99,8 @@ pub enum PortError {
     NotADisk(String),
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    #[error(transparent)]
+    Qos(#[from] QosError),
     #[error("cannot start the port's session thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -143,6 +146,9 @@ pub struct PortSpec {
     /// Permissions of a server-mode socket, octal (default "0660").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perm: Option<String>,
+    /// Limits and share (`qos.set`).
+    #[serde(default, skip_serializing_if = "QosSpec::is_empty")]
+    pub qos: QosSpec,
 }
 
 fn one() -> u16 {
@@ -163,6 +169,7 @@ impl PortSpec {
             owner: None,
             group: None,
             perm: None,
+            qos: QosSpec::default(),
         }
     }
 
@@ -184,11 +191,17 @@ impl PortSpec {
         Ok(())
     }
 
+    /// Check the QoS settings for this kind of port.
+    pub fn validate_qos(&self, disk: bool) -> Result<(), PortError> {
+        Ok(self.qos.validate(disk)?)
+    }
+
     /// The dataplane settings of the port.
     pub fn settings(&self) -> PortSettings {
         PortSettings {
             vlan: self.vlan,
             mtu: self.mtu.unwrap_or(0),
+            qos: self.qos,
         }
     }
 
@@ -538,7 +551,10 @@ impl Session {
                 self.dp
                     .attach(self.idx, worker, self.stats.clone(), settings)
             }
-            SessionDevice::Disk { disk, .. } => self.dp.attach_disk(self.idx, worker, disk.clone()),
+            SessionDevice::Disk { disk, .. } => {
+                self.dp
+                    .attach_disk(self.idx, worker, disk.clone(), settings)
+            }
         };
         if let Err(e) = attached {
             log::error!("port {}: cannot attach to worker {worker}: {e}", self.name);
@@ -867,6 +883,7 @@ impl PortTable {
     /// Create a net port and start serving it.
     pub fn add(&mut self, spec: PortSpec) -> Result<PortInfo, PortError> {
         spec.validate()?;
+        spec.validate_qos(false)?;
         let port = self.insert(spec, Kind::Net)?;
         Ok(Self::info(port))
     }
@@ -876,6 +893,7 @@ impl PortTable {
         spec.validate()?;
         let endpoint = spec.endpoint();
         endpoint.validate()?;
+        endpoint.validate_qos(true)?;
         self.check_free(&endpoint)?;
         let backing =
             crate::blk::Backing::open(&spec.params()).map_err(crate::disk::DiskError::from)?;
@@ -962,6 +980,35 @@ impl PortTable {
         );
         let name = port.spec.name.clone();
         Ok(self.ports.entry(name).or_insert(port))
+    }
+
+    /// Replace a port's or disk's QoS. It applies between two batches of
+    /// its worker, keeping the tokens its buckets hold and what is queued.
+    pub fn set_qos(&mut self, name: &str, qos: QosSpec) -> Result<QosSpec, PortError> {
+        let port = self
+            .ports
+            .get_mut(name)
+            .ok_or_else(|| PortError::NotFound(name.to_string()))?;
+        let disk = port.disk().is_some();
+        qos.validate(disk)?;
+        port.spec.qos = qos;
+        if let Kind::Disk(d) = &mut port.kind {
+            d.spec.qos = qos;
+        }
+        let settings = {
+            let mut s = port.settings.lock().unwrap_or_else(|p| p.into_inner());
+            s.qos = qos;
+            *s
+        };
+        match self.dp.set_settings(port.idx, settings) {
+            Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        log::info!(
+            "{name}: QoS {}",
+            serde_json::to_string(&qos).unwrap_or_default()
+        );
+        Ok(qos)
     }
 
     /// Change a disk's capacity (see [`crate::blk::Backing::resize`]) and tell

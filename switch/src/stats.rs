@@ -31,11 +31,17 @@ pub enum DropReason {
     SamePort,
     /// The frame exceeds the sending or receiving port's MTU.
     MtuExceeded,
+    /// Over the port's ingress (guest to switch) policer.
+    IngressPoliced,
+    /// Over the port's egress (switch to guest) policer.
+    EgressPoliced,
+    /// The port's egress shaping queue was full.
+    EgressQueueFull,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::BadTxDescriptor,
         DropReason::ShortFrame,
         DropReason::OversizedFrame,
@@ -45,6 +51,9 @@ impl DropReason {
         DropReason::RemoteQueueFull,
         DropReason::SamePort,
         DropReason::MtuExceeded,
+        DropReason::IngressPoliced,
+        DropReason::EgressPoliced,
+        DropReason::EgressQueueFull,
     ];
 
     /// The name used in statistics output.
@@ -59,6 +68,9 @@ impl DropReason {
             DropReason::RemoteQueueFull => "remote_queue_full",
             DropReason::SamePort => "same_port",
             DropReason::MtuExceeded => "mtu_exceeded",
+            DropReason::IngressPoliced => "ingress_policed",
+            DropReason::EgressPoliced => "egress_policed",
+            DropReason::EgressQueueFull => "egress_queue_full",
         }
     }
 }
@@ -79,7 +91,46 @@ pub struct PortStats {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+    qos: [AtomicU64; QosCounter::ALL.len()],
     broken: AtomicBool,
+}
+
+/// What a port's QoS counts (besides its drops).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum QosCounter {
+    /// Frames and bytes from the guest that passed its ingress limit.
+    IngressPackets,
+    IngressBytes,
+    /// Nanoseconds the ingress shaper held the guest's TX ring.
+    IngressThrottledNs,
+    /// Frames and bytes to the guest that passed its egress limit.
+    EgressPackets,
+    EgressBytes,
+    /// Nanoseconds the egress shaper held frames back.
+    EgressThrottledNs,
+}
+
+impl QosCounter {
+    pub const ALL: [QosCounter; 6] = [
+        QosCounter::IngressPackets,
+        QosCounter::IngressBytes,
+        QosCounter::IngressThrottledNs,
+        QosCounter::EgressPackets,
+        QosCounter::EgressBytes,
+        QosCounter::EgressThrottledNs,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QosCounter::IngressPackets => "ingress_packets",
+            QosCounter::IngressBytes => "ingress_bytes",
+            QosCounter::IngressThrottledNs => "ingress_throttled_ns",
+            QosCounter::EgressPackets => "egress_packets",
+            QosCounter::EgressBytes => "egress_bytes",
+            QosCounter::EgressThrottledNs => "egress_throttled_ns",
+        }
+    }
 }
 
 /// A snapshot of [`PortStats`].
@@ -90,10 +141,22 @@ pub struct PortStatsSnapshot {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub drops: std::collections::BTreeMap<&'static str, u64>,
+    pub qos: std::collections::BTreeMap<&'static str, u64>,
     pub broken: bool,
 }
 
 impl PortStats {
+    /// Add to a QoS counter (by the port's own worker).
+    #[inline]
+    pub fn add_qos(&self, c: QosCounter, n: u64) {
+        bump(&self.qos[c as usize], n);
+    }
+
+    /// A QoS counter.
+    pub fn qos(&self, c: QosCounter) -> u64 {
+        self.qos[c as usize].load(Ordering::Relaxed)
+    }
+
     #[inline]
     pub fn add_rx(&self, bytes: u64) {
         bump(&self.rx_packets, 1);
@@ -137,6 +200,10 @@ impl PortStats {
             drops: DropReason::ALL
                 .iter()
                 .map(|d| (d.name(), self.drops(*d)))
+                .collect(),
+            qos: QosCounter::ALL
+                .iter()
+                .map(|c| (c.name(), self.qos(*c)))
                 .collect(),
             broken: self.is_broken(),
         }
@@ -240,6 +307,7 @@ pub struct DiskStats {
     bytes: [AtomicU64; BlkOp::ALL.len()],
     errors: [AtomicU64; BlkError::ALL.len()],
     in_flight: AtomicU64,
+    throttled_ns: AtomicU64,
     broken: AtomicBool,
 }
 
@@ -253,10 +321,18 @@ pub struct DiskStatsSnapshot {
     /// Failed requests by reason.
     pub errors: std::collections::BTreeMap<&'static str, u64>,
     pub in_flight: u64,
+    /// Nanoseconds the disk's limits left requests in its rings.
+    pub throttled_ns: u64,
     pub broken: bool,
 }
 
 impl DiskStats {
+    /// Add time the limits held requests back.
+    #[inline]
+    pub fn add_throttled(&self, ns: u64) {
+        bump(&self.throttled_ns, ns);
+    }
+
     /// Count a completed request and the bytes it moved.
     #[inline]
     pub fn count_op(&self, op: BlkOp, bytes: u64) {
@@ -305,6 +381,7 @@ impl DiskStats {
                 .map(|e| (e.name(), self.errors(*e)))
                 .collect(),
             in_flight: load(&self.in_flight),
+            throttled_ns: load(&self.throttled_ns),
             broken: self.is_broken(),
         }
     }

@@ -115,6 +115,7 @@ impl From<PortError> for ControlError {
             },
             PortError::Disk(crate::disk::DiskError::BackingInUse { .. }) => "exists",
             PortError::Disk(_) => "invalid_argument",
+            PortError::Qos(_) => "invalid_argument",
             PortError::Dataplane(crate::dataplane::DataplaneError::NoSuchWorker(..)) => {
                 "invalid_argument"
             }

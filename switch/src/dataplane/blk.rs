@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::qos::DiskQos;
 use crate::blk::{
     self, Disk, ParseError, ReqType, Request, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_DISK_QUEUES, SECTOR, S_IOERR, S_OK, S_UNSUPP,
@@ -196,6 +197,8 @@ pub(super) struct DiskPort {
     pub stopping: u32,
     /// The port is leaving this worker: take no new requests.
     pub quiescing: bool,
+    /// Limits and share, when set.
+    pub qos: Option<Box<DiskQos>>,
     faults: crossbeam_channel::Sender<PortIdx>,
 }
 
@@ -218,8 +221,19 @@ impl DiskPort {
             broken: false,
             stopping: 0,
             quiescing: false,
+            qos: None,
             faults,
         }
+    }
+
+    /// Apply a QoS spec (limits and weight), keeping what buckets hold.
+    pub fn set_qos(&mut self, spec: &crate::qos::QosSpec, now: u64) {
+        DiskQos::update(&mut self.qos, spec, now);
+    }
+
+    /// Nanoseconds until a disk held by its limits may go on.
+    pub fn qos_wait(&mut self, now: u64) -> Option<u64> {
+        self.qos.as_deref_mut().and_then(|q| q.wait(now))
     }
 
     /// Requests in flight on every queue.
@@ -295,8 +309,17 @@ impl DiskPort {
 
     /// Return finished requests, take new ones (up to `batch` per queue)
     /// and queue their I/O. Returns the requests taken.
-    pub fn poll(&mut self, engine: &mut IoEngine, scratch: &mut BlkScratch, batch: u16) -> usize {
+    pub fn poll(
+        &mut self,
+        engine: &mut IoEngine,
+        scratch: &mut BlkScratch,
+        batch: u16,
+        now: u64,
+    ) -> usize {
         let mut taken = 0;
+        if let Some(q) = self.qos.as_deref_mut() {
+            q.budget.start_visit();
+        }
         for q in 0..MAX_DISK_QUEUES {
             let Some(dq) = self.queues[q].as_mut() else {
                 continue;
@@ -312,14 +335,16 @@ impl DiskPort {
                     continue;
                 }
             };
-            let ctx = Serve {
+            let mut ctx = Serve {
                 disk: &self.disk,
                 mem: &self.mem,
                 gen: self.gen,
                 idx: self.idx,
                 queue: q,
+                qos: self.qos.as_deref_mut(),
+                now,
             };
-            match serve_queue(dq, &ctx, pending.min(batch), engine, scratch) {
+            match serve_queue(dq, &mut ctx, pending.min(batch), engine, scratch) {
                 Ok(n) => taken += n,
                 Err(f) => self.mark_broken(&format!("queue {q}: {f}")),
             }
@@ -349,12 +374,23 @@ struct Serve<'a> {
     gen: u16,
     idx: PortIdx,
     queue: usize,
+    qos: Option<&'a mut DiskQos>,
+    now: u64,
+}
+
+/// What became of a request taken from the ring.
+#[derive(PartialEq, Eq)]
+enum Taken {
+    /// Started, or answered at once.
+    Served,
+    /// Over the disk's limits: to be given back to the ring.
+    Held,
 }
 
 /// Take up to `max` requests from a queue. A ring fault is returned.
 fn serve_queue(
     dq: &mut DiskQueue,
-    ctx: &Serve<'_>,
+    ctx: &mut Serve<'_>,
     max: u16,
     engine: &mut IoEngine,
     scratch: &mut BlkScratch,
@@ -365,6 +401,9 @@ fn serve_queue(
         // Every slot busy, or no room for the largest request's operations:
         // leave the rest in the ring until completions free room.
         if dq.in_flight() >= size || !engine.has_room(MAX_DISCARD_SEG as usize) {
+            break;
+        }
+        if ctx.qos.as_deref().is_some_and(|q| !q.budget.open()) {
             break;
         }
         let seq = dq.ring.next_avail();
@@ -393,7 +432,13 @@ fn serve_queue(
             continue;
         }
         let ud = user_data(ctx.gen, ctx.idx, ctx.queue, slot_idx);
-        serve_request(slot, ctx, ud, engine, &scratch.chain, &mut scratch.req);
+        if serve_request(slot, ctx, ud, engine, &scratch.chain, &mut scratch.req) == Taken::Held {
+            // Lossless: the request waits in the guest's ring.
+            slot.mem = None;
+            dq.ring.unpop();
+            taken -= 1;
+            break;
+        }
     }
     Ok(taken)
 }
@@ -401,36 +446,47 @@ fn serve_queue(
 /// Check one walked request and start it (or answer it at once).
 fn serve_request(
     slot: &mut Slot,
-    ctx: &Serve<'_>,
+    ctx: &mut Serve<'_>,
     ud: u64,
     engine: &mut IoEngine,
     chain: &Chain,
     req: &mut Request,
-) {
+) -> Taken {
     match blk::parse(chain.segs(), req) {
         Ok(()) => {}
         Err(ParseError::NoStatus) => {
             slot.error = Some(BlkError::NoStatus);
-            return;
+            return Taken::Served;
         }
         Err(ParseError::ShortHeader) => {
             // No header: the request type is unknown.
             slot.status_ptr = req.status;
             slot.used_len = 1;
             slot.fail(S_IOERR, BlkError::ShortHeader);
-            return;
+            return Taken::Served;
         }
         Err(ParseError::WrongDirection) => {
             slot.status_ptr = req.status;
             slot.used_len = 1;
             slot.op = op_of(req.ty);
             slot.fail(S_IOERR, BlkError::WrongDirection);
-            return;
+            return Taken::Served;
+        }
+    }
+    if let Some(q) = ctx.qos.as_deref_mut() {
+        if !q.admit(req.ty, req.data_len, ctx.now, &ctx.disk.stats) {
+            return Taken::Held;
         }
     }
     slot.status_ptr = req.status;
     slot.used_len = 1;
     slot.op = op_of(req.ty);
+    dispatch(slot, ctx, ud, engine, req);
+    Taken::Served
+}
+
+/// Start a well-formed, admitted request (or answer it at once).
+fn dispatch(slot: &mut Slot, ctx: &Serve<'_>, ud: u64, engine: &mut IoEngine, req: &Request) {
     let backing = &ctx.disk.backing;
     match req.ty {
         ReqType::Read | ReqType::Write => {

@@ -8,6 +8,7 @@
 
 mod blk;
 mod net;
+mod qos;
 mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
@@ -115,7 +116,10 @@ enum Device {
         stats: Arc<PortStats>,
         settings: PortSettings,
     },
-    Disk(Arc<Disk>),
+    Disk {
+        disk: Arc<Disk>,
+        settings: PortSettings,
+    },
 }
 
 /// A port on its way from one worker to another, rings running.
@@ -131,6 +135,8 @@ pub struct PortSettings {
     pub vlan: u16,
     /// Largest IP packet (frames over MTU + 18 bytes are dropped); 0: no limit.
     pub mtu: u16,
+    /// Limits and share of the port (or disk).
+    pub qos: crate::qos::QosSpec,
 }
 
 impl PortSettings {
@@ -270,6 +276,11 @@ impl Shared {
     /// Milliseconds since the switch started (the FDB's clock).
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Nanoseconds since the switch started (the QoS clock).
+    pub fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
     }
 }
 
@@ -455,8 +466,9 @@ impl Dataplane {
         idx: PortIdx,
         worker: usize,
         disk: Arc<Disk>,
+        settings: PortSettings,
     ) -> Result<(), DataplaneError> {
-        self.attach_device(idx, worker, Device::Disk(disk))
+        self.attach_device(idx, worker, Device::Disk { disk, settings })
     }
 
     fn attach_device(

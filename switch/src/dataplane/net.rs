@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::qos::NetQos;
 use super::{
     Frame, NetFeatures, PortSettings, Shared, FLOOD, MAX_BATCH, MAX_FRAME_LEN, MAX_QUEUE_PAIRS,
 };
@@ -39,6 +40,8 @@ pub(super) struct NetPort {
     pub rx_dirty: u32,
     /// A guest fault stopped the port until its rings are set up again.
     pub broken: bool,
+    /// Limits and share, when set.
+    pub qos: Option<Box<NetQos>>,
     faults: crossbeam_channel::Sender<PortIdx>,
 }
 
@@ -48,9 +51,11 @@ impl NetPort {
         stats: Arc<PortStats>,
         settings: PortSettings,
         faults: crossbeam_channel::Sender<PortIdx>,
+        now_ns: u64,
     ) -> Self {
         stats.set_broken(false);
         NetPort {
+            qos: NetQos::new(&settings.qos, now_ns),
             idx,
             stats,
             settings,
@@ -132,6 +137,8 @@ pub(super) struct Ctx<'a> {
     pub scratch: &'a mut Scratch,
     pub worker: usize,
     pub now_ms: u64,
+    /// Nanoseconds since the switch started, at the start of the pass (QoS).
+    pub now_ns: u64,
     pub batch: u16,
     /// Positions of ports with RX used entries to publish.
     pub dirty: &'a mut Vec<u16>,
@@ -260,6 +267,11 @@ fn deliver(
     let port = &mut ports[pos];
     if port.settings.over_mtu(len) {
         return Err(DropReason::MtuExceeded);
+    }
+    if let Some(q) = port.qos.as_deref_mut() {
+        if !q.admit_egress(len, ctx.now_ns, &port.stats) {
+            return Err(DropReason::EgressPoliced);
+        }
     }
     if port.broken || port.n_rx_active == 0 {
         return Err(DropReason::NoRxBuffer);
@@ -555,7 +567,11 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
     // frame's first bytes are prefetched before pass 2 needs them.
     let mut got = 0;
     let mut fault = None;
+    let mut qos = port.qos.as_deref_mut();
     while got < pending {
+        if qos.as_ref().is_some_and(|q| !q.budget.open()) {
+            break;
+        }
         let head = match ring.pop_head() {
             Ok(h) => h,
             Err(f) => {
@@ -564,12 +580,23 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             }
         };
         let chain = &mut ctx.scratch.tx_chains[got];
-        ctx.scratch.tx_walked[got] = ring.walk(
+        let walked = ring.walk(
             head,
             Direction::Readable,
             hdr_len + MAX_FRAME_LEN as u32,
             chain,
         );
+        if let (Some(q), Ok(())) = (qos.as_deref_mut(), walked) {
+            let len = chain.total.saturating_sub(hdr_len);
+            if !q.shape_ingress(len, ctx.now_ns, &port.stats) {
+                // Lossless: the frame stays in the guest's ring until the
+                // bucket has refilled.
+                ring.unpop();
+                break;
+            }
+            q.budget.charge(i64::from(chain.total));
+        }
+        ctx.scratch.tx_walked[got] = walked;
         if chain.nsegs > 0 {
             prefetch(chain.segs[0].ptr);
         }
@@ -588,6 +615,13 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             Ok(()) if total < hdr_len + ETH_HLEN => port.stats.count_drop(DropReason::ShortFrame),
             Ok(()) if port.settings.over_mtu(total - hdr_len) => {
                 port.stats.count_drop(DropReason::MtuExceeded)
+            }
+            Ok(())
+                if port.qos.as_deref_mut().is_some_and(|q| {
+                    !q.police_ingress(total - hdr_len, ctx.now_ns, &port.stats)
+                }) =>
+            {
+                port.stats.count_drop(DropReason::IngressPoliced)
             }
             Ok(()) => {
                 let len = total - hdr_len;

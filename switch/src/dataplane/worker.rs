@@ -13,6 +13,7 @@ use crossbeam_channel::Sender;
 
 use super::blk::{self, BlkScratch, DiskPort, DiskQueue};
 use super::net::{self, Ctx, NetPort, Scratch, NOT_LOCAL};
+use super::qos::NetQos;
 use super::{
     Command, DataplaneError, Device, Features, Moving, Shared, MAX_PORTS, MAX_QUEUE_PAIRS,
 };
@@ -205,6 +206,7 @@ impl Worker {
             scratch: &mut self.scratch,
             worker: self.id,
             now_ms: now.duration_since(self.shared.epoch).as_millis() as u64,
+            now_ns: now.duration_since(self.shared.epoch).as_nanos() as u64,
             batch: self.config.batch,
             dirty: &mut self.dirty,
             remote_wake: 0,
@@ -215,9 +217,30 @@ impl Worker {
                 self.ports[pos].mark_broken("the frontend truncated guest memory under the switch");
                 continue;
             }
+            let weighted = match self.ports[pos].qos.as_deref_mut() {
+                Some(q) => {
+                    q.budget.start_visit();
+                    q.budget.weighted()
+                }
+                None => false,
+            };
             for q in 0..MAX_QUEUE_PAIRS {
-                if self.ports[pos].tx[q].is_some() {
-                    work += net::process_tx(&mut self.ports, pos, q, &mut ctx);
+                if self.ports[pos].tx[q].is_none() {
+                    continue;
+                }
+                loop {
+                    let n = net::process_tx(&mut self.ports, pos, q, &mut ctx);
+                    work += n;
+                    // A weighted port takes its whole budget in this visit.
+                    let more = weighted
+                        && n >= usize::from(ctx.batch)
+                        && self.ports[pos]
+                            .qos
+                            .as_deref()
+                            .is_some_and(|q| q.budget.open());
+                    if !more {
+                        break;
+                    }
                 }
             }
         }
@@ -244,8 +267,9 @@ impl Worker {
                 _ => log::error!("I/O completion for unknown disk port {idx} (generation {gen})"),
             }
         });
+        let now = self.shared.now_ns();
         for d in &mut self.disks {
-            work += d.poll(engine, &mut self.blk_scratch, self.config.batch);
+            work += d.poll(engine, &mut self.blk_scratch, self.config.batch, now);
         }
         engine.submit();
         for d in &mut self.disks {
@@ -341,6 +365,7 @@ impl Worker {
             scratch: &mut self.scratch,
             worker: self.id,
             now_ms: self.shared.now_ms(),
+            now_ns: self.shared.now_ns(),
             batch: self.config.batch,
             dirty: &mut self.dirty,
             remote_wake: 0,
@@ -358,25 +383,40 @@ impl Worker {
     fn sleep(&mut self) {
         let shared = Arc::clone(&self.shared);
         let mb = &shared.mailboxes[self.id];
+        let now = shared.now_ns();
+        // Rings held by a shaper or by disk limits do not count as work:
+        // the worker wakes when their tokens are back.
+        let mut wake_in: Option<u64> = None;
+        let mut held = |w: Option<u64>| -> bool {
+            if let Some(w) = w {
+                wake_in = Some(wake_in.map_or(w, |c| c.min(w)));
+            }
+            w.is_some()
+        };
         mb.sleeping.store(true, Ordering::SeqCst);
         let mut pending = false;
         for p in self.ports.iter_mut().filter(|p| !p.broken) {
+            let holding = held(p.qos.as_deref_mut().and_then(|q| q.ingress_wait(now)));
             for r in p.tx.iter_mut().flatten() {
                 r.enable_notification();
-                pending |= r.avail_pending() != Ok(0);
+                pending |= !holding && r.avail_pending() != Ok(0);
             }
         }
         for d in self.disks.iter_mut().filter(|d| !d.broken && !d.quiescing) {
+            let holding = held(d.qos_wait(now));
             for q in d.queues.iter_mut().flatten() {
                 q.ring.enable_notification();
-                pending |= q.ring.avail_pending() != Ok(0);
+                pending |= !holding && q.ring.avail_pending() != Ok(0);
             }
         }
         pending |= !mb.frames.is_empty() || !self.commands.is_empty();
         pending |= self.engine.as_mut().is_some_and(|e| e.has_completions());
+        // Tokens due within a millisecond (epoll's resolution): keep polling.
+        pending |= wake_in.is_some_and(|ns| ns < 1_000_000);
         if !pending {
+            let timeout_ms = wake_in.map_or(1000, |ns| ns.div_ceil(1_000_000).min(1000) as i32);
             let mut events = [EpollEvent::default(); 64];
-            match self.epoll.wait(1000, &mut events) {
+            match self.epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => {
                     for ev in &events[..n] {
                         self.consume_event(ev.data());
@@ -613,12 +653,20 @@ impl Worker {
                 settings,
                 reply,
             } => {
+                let now = self.shared.now_ns();
                 let res = match self.find(idx) {
                     Ok(Local::Net(pos)) => {
-                        self.ports[pos].settings = settings;
+                        let p = &mut self.ports[pos];
+                        if p.settings.qos != settings.qos {
+                            NetQos::update(&mut p.qos, &settings.qos, now);
+                        }
+                        p.settings = settings;
                         Ok(())
                     }
-                    Ok(Local::Disk(_)) => Ok(()),
+                    Ok(Local::Disk(pos)) => {
+                        self.disks[pos].set_qos(&settings.qos, now);
+                        Ok(())
+                    }
                     Err(e) => Err(e),
                 };
                 let _ = reply.send(res);
@@ -639,15 +687,17 @@ impl Worker {
                     stats,
                     settings,
                     self.shared.faults.clone(),
+                    self.shared.now_ns(),
                 ));
             }
-            Device::Disk(disk) => {
+            Device::Disk { disk, settings } => {
                 self.ensure_engine()?;
                 let gen = self.next_gen;
                 self.next_gen = self.next_gen.wrapping_add(1);
                 self.disk_local[usize::from(idx)] = self.disks.len() as u16;
-                self.disks
-                    .push(DiskPort::new(idx, gen, disk, self.shared.faults.clone()));
+                let mut d = DiskPort::new(idx, gen, disk, self.shared.faults.clone());
+                d.set_qos(&settings.qos, self.shared.now_ns());
+                self.disks.push(d);
             }
         }
         Ok(())

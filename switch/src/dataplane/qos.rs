@@ -1,0 +1,391 @@
+//! A port's QoS as its worker applies it: meters for both directions of a
+//! net port, a byte budget per visit from its weight, and a disk's limits.
+//!
+//! Ingress shaping is lossless: a frame that does not conform is given back
+//! to the guest's ring (`Vring::unpop`) and the ring is read again when the
+//! bucket has refilled. Policing drops and counts. Weights give each port a
+//! byte budget per visit of its worker (deficit round robin): under
+//! contention ports are served in proportion to their weights, and a port
+//! with less to send leaves the rest of the pass to the others.
+
+use crate::blk::ReqType;
+use crate::qos::{LimitMode, Meter, QosSpec, TokenBucket, DEFAULT_IO_SIZE};
+use crate::stats::{DiskStats, PortStats, QosCounter};
+
+/// Bytes of budget per visit and unit of weight (net ports).
+const NET_QUANTUM: i64 = 64 * 1024;
+/// Bytes of budget per visit and unit of weight (disks).
+const DISK_QUANTUM: i64 = 256 * 1024;
+/// Least a disk request is charged against its budget.
+const DISK_MIN_COST: i64 = 4096;
+
+/// Time a shaper held traffic back, counted when it lets go.
+#[derive(Debug, Default)]
+pub(super) struct Throttle {
+    since: Option<u64>,
+}
+
+impl Throttle {
+    /// The shaper holds traffic now.
+    #[inline]
+    pub fn hold(&mut self, now: u64) {
+        self.since.get_or_insert(now);
+    }
+
+    /// The shaper let traffic through: returns how long it held it.
+    #[inline]
+    pub fn release(&mut self, now: u64) -> u64 {
+        self.since.take().map_or(0, |s| now.saturating_sub(s))
+    }
+
+    pub fn holding(&self) -> bool {
+        self.since.is_some()
+    }
+}
+
+/// Deficit round robin budget of one port or disk.
+#[derive(Debug, Default)]
+pub(super) struct Budget {
+    quantum: Option<i64>,
+    deficit: i64,
+}
+
+impl Budget {
+    fn new(weight: Option<u32>, unit: i64) -> Self {
+        Budget {
+            quantum: weight.map(|w| i64::from(w) * unit),
+            deficit: 0,
+        }
+    }
+
+    /// A visit starts: add the quantum (keeping a debt, never a surplus).
+    #[inline]
+    pub fn start_visit(&mut self) {
+        if let Some(q) = self.quantum {
+            self.deficit = self.deficit.min(0) + q;
+        }
+    }
+
+    /// Whether the visit may take more.
+    #[inline]
+    pub fn open(&self) -> bool {
+        self.quantum.is_none() || self.deficit > 0
+    }
+
+    /// Whether a weight sets the budget.
+    #[inline]
+    pub fn weighted(&self) -> bool {
+        self.quantum.is_some()
+    }
+
+    #[inline]
+    pub fn charge(&mut self, bytes: i64) {
+        if self.quantum.is_some() {
+            self.deficit -= bytes;
+        }
+    }
+}
+
+/// A net port's QoS.
+pub(super) struct NetQos {
+    pub ingress: Option<Meter>,
+    pub egress: Option<Meter>,
+    pub budget: Budget,
+    pub ingress_throttle: Throttle,
+}
+
+impl NetQos {
+    /// The runtime state of `spec` (None when it sets nothing).
+    pub fn new(spec: &QosSpec, now: u64) -> Option<Box<Self>> {
+        if spec.ingress.is_none() && spec.egress.is_none() && spec.weight.is_none() {
+            return None;
+        }
+        Some(Box::new(NetQos {
+            ingress: spec.ingress.map(|l| Meter::new(&l, now)),
+            egress: spec.egress.map(|l| Meter::new(&l, now)),
+            budget: Budget::new(spec.weight, NET_QUANTUM),
+            ingress_throttle: Throttle::default(),
+        }))
+    }
+
+    /// Apply a new spec to `cur`, keeping what the buckets hold.
+    pub fn update(cur: &mut Option<Box<Self>>, spec: &QosSpec, now: u64) {
+        match cur {
+            Some(q) if NetQos::new(spec, now).is_some() => {
+                q.ingress = match (q.ingress.take(), spec.ingress) {
+                    (Some(mut m), Some(l)) => {
+                        m.update(&l, now);
+                        Some(m)
+                    }
+                    (_, l) => l.map(|l| Meter::new(&l, now)),
+                };
+                q.egress = match (q.egress.take(), spec.egress) {
+                    (Some(mut m), Some(l)) => {
+                        m.update(&l, now);
+                        Some(m)
+                    }
+                    (_, l) => l.map(|l| Meter::new(&l, now)),
+                };
+                if q.ingress.is_none() {
+                    q.ingress_throttle = Throttle::default();
+                }
+                q.budget = Budget::new(spec.weight, NET_QUANTUM);
+            }
+            _ => *cur = NetQos::new(spec, now),
+        }
+    }
+
+    /// Ingress shaping: whether a frame of `len` bytes may be taken from
+    /// the guest now (tokens taken if so). Policers and no limit: true.
+    #[inline]
+    pub fn shape_ingress(&mut self, len: u32, now: u64, stats: &PortStats) -> bool {
+        match self.ingress.as_mut() {
+            Some(m) if m.mode() == LimitMode::Shape => {
+                if m.take(len, now) {
+                    stats.add_qos(
+                        QosCounter::IngressThrottledNs,
+                        self.ingress_throttle.release(now),
+                    );
+                    true
+                } else {
+                    self.ingress_throttle.hold(now);
+                    false
+                }
+            }
+            _ => true,
+        }
+    }
+
+    /// Ingress policing of a frame that was taken: whether it passes.
+    #[inline]
+    pub fn police_ingress(&mut self, len: u32, now: u64, stats: &PortStats) -> bool {
+        let pass = match self.ingress.as_mut() {
+            Some(m) if m.mode() == LimitMode::Police => m.take(len, now),
+            _ => true,
+        };
+        if pass && self.ingress.is_some() {
+            stats.add_qos(QosCounter::IngressPackets, 1);
+            stats.add_qos(QosCounter::IngressBytes, u64::from(len));
+        }
+        pass
+    }
+
+    /// Egress: whether a frame of `len` bytes to the guest passes now.
+    #[inline]
+    pub fn admit_egress(&mut self, len: u32, now: u64, stats: &PortStats) -> bool {
+        let Some(m) = self.egress.as_mut() else {
+            return true;
+        };
+        if !m.take(len, now) {
+            return false;
+        }
+        stats.add_qos(QosCounter::EgressPackets, 1);
+        stats.add_qos(QosCounter::EgressBytes, u64::from(len));
+        true
+    }
+
+    /// Nanoseconds until the held ingress may go on (None: not held).
+    pub fn ingress_wait(&mut self, now: u64) -> Option<u64> {
+        if !self.ingress_throttle.holding() {
+            return None;
+        }
+        // The smallest frame: the ring is read again as soon as anything
+        // could conform.
+        self.ingress.as_mut().map(|m| m.wait_ns(64, now))
+    }
+}
+
+/// The buckets of one disk limit kind, in [`DiskQos::buckets`] order.
+const READ_IOPS: usize = 0;
+const WRITE_IOPS: usize = 1;
+const IOPS: usize = 2;
+const READ_BPS: usize = 3;
+const WRITE_BPS: usize = 4;
+const BPS: usize = 5;
+
+/// A disk's QoS.
+pub(super) struct DiskQos {
+    buckets: [Option<TokenBucket>; 6],
+    io_size: u64,
+    pub budget: Budget,
+    pub throttle: Throttle,
+}
+
+impl DiskQos {
+    pub fn new(spec: &QosSpec, now: u64) -> Option<Box<Self>> {
+        if spec.disk_rates().iter().all(|(_, r)| r.is_none()) && spec.weight.is_none() {
+            return None;
+        }
+        let buckets = spec
+            .disk_rates()
+            .map(|(_, r)| r.map(|r| TokenBucket::new(r.rate, r.burst.unwrap_or(r.rate), now)));
+        Some(Box::new(DiskQos {
+            buckets,
+            io_size: u64::from(spec.io_size.unwrap_or(DEFAULT_IO_SIZE)),
+            budget: Budget::new(spec.weight, DISK_QUANTUM),
+            throttle: Throttle::default(),
+        }))
+    }
+
+    /// Apply a new spec to `cur`, keeping what the buckets hold.
+    pub fn update(cur: &mut Option<Box<Self>>, spec: &QosSpec, now: u64) {
+        let Some(mut new) = DiskQos::new(spec, now) else {
+            *cur = None;
+            return;
+        };
+        if let Some(old) = cur.take() {
+            for (n, o) in new.buckets.iter_mut().zip(old.buckets) {
+                if let (Some(n), Some(mut o)) = (n.as_mut(), o) {
+                    o.set(n.rate(), n.burst(), now);
+                    *n = o;
+                }
+            }
+            new.throttle = old.throttle;
+        }
+        *cur = Some(new);
+    }
+
+    /// Whether a request may start now; if so its cost is taken from every
+    /// limit it falls under. A request larger than `io_size` counts as
+    /// several operations.
+    pub fn admit(&mut self, ty: ReqType, bytes: u64, now: u64, stats: &DiskStats) -> bool {
+        let ios = bytes.div_ceil(self.io_size).max(1);
+        let (iops, bps, data) = match ty {
+            ReqType::Read => (READ_IOPS, READ_BPS, bytes),
+            ReqType::Write => (WRITE_IOPS, WRITE_BPS, bytes),
+            // Discard and write-zeroes move no data: they count as writes.
+            ReqType::Discard | ReqType::WriteZeroes => (WRITE_IOPS, WRITE_BPS, 0),
+            ReqType::Flush | ReqType::GetId | ReqType::Unsupported(_) => return true,
+        };
+        let charges = [(iops, ios), (IOPS, ios), (bps, data), (BPS, data)];
+        let ok = charges
+            .iter()
+            .all(|&(b, n)| n == 0 || self.buckets[b].as_mut().is_none_or(|t| t.allows(n, now)));
+        if !ok {
+            self.throttle.hold(now);
+            return false;
+        }
+        for (b, n) in charges {
+            if let Some(t) = self.buckets[b].as_mut() {
+                if n > 0 {
+                    t.charge(n, now);
+                }
+            }
+        }
+        stats.add_throttled(self.throttle.release(now));
+        self.budget.charge((bytes as i64).max(DISK_MIN_COST));
+        true
+    }
+
+    /// Nanoseconds until a held disk may go on (None: not held).
+    pub fn wait(&mut self, now: u64) -> Option<u64> {
+        if !self.throttle.holding() {
+            return None;
+        }
+        self.buckets
+            .iter_mut()
+            .flatten()
+            .map(|b| b.wait_ns(1, now))
+            .max()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qos::{NetLimit, Rate, RateUnit};
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn ingress_shaper_holds_and_counts_the_time() {
+        let spec = QosSpec {
+            ingress: Some(NetLimit {
+                mode: LimitMode::Shape,
+                unit: RateUnit::Packets,
+                rate: 1000,
+                burst: Some(2),
+                peak: None,
+                peak_burst: None,
+            }),
+            ..QosSpec::default()
+        };
+        let stats = PortStats::default();
+        let mut q = NetQos::new(&spec, 0).unwrap();
+        assert!(q.shape_ingress(100, 0, &stats));
+        assert!(q.shape_ingress(100, 0, &stats));
+        assert!(!q.shape_ingress(100, 0, &stats));
+        assert_eq!(q.ingress_wait(0), Some(MS));
+        assert!(q.police_ingress(100, 0, &stats), "a shaper never polices");
+        assert!(q.shape_ingress(100, MS, &stats));
+        assert_eq!(stats.qos(QosCounter::IngressThrottledNs), MS);
+        assert_eq!(q.ingress_wait(MS), None);
+    }
+
+    #[test]
+    fn policer_drops_over_the_rate() {
+        let spec = QosSpec {
+            ingress: Some(NetLimit {
+                mode: LimitMode::Police,
+                unit: RateUnit::Packets,
+                rate: 1000,
+                burst: Some(1),
+                peak: None,
+                peak_burst: None,
+            }),
+            ..QosSpec::default()
+        };
+        let stats = PortStats::default();
+        let mut q = NetQos::new(&spec, 0).unwrap();
+        assert!(q.shape_ingress(60, 0, &stats), "a policer never holds");
+        assert!(q.police_ingress(60, 0, &stats));
+        assert!(!q.police_ingress(60, 0, &stats));
+        assert!(q.police_ingress(60, MS, &stats));
+        assert_eq!(stats.qos(QosCounter::IngressPackets), 2);
+        assert_eq!(stats.qos(QosCounter::IngressBytes), 120);
+    }
+
+    #[test]
+    fn budgets_follow_weights_and_keep_debts() {
+        let mut b = Budget::new(Some(2), NET_QUANTUM);
+        b.start_visit();
+        assert!(b.open());
+        b.charge(2 * NET_QUANTUM + 100);
+        assert!(!b.open());
+        b.start_visit();
+        assert_eq!(b.deficit, 2 * NET_QUANTUM - 100, "the debt is kept");
+        b.charge(10);
+        b.start_visit();
+        assert_eq!(b.deficit, 2 * NET_QUANTUM, "a surplus is not");
+        let mut none = Budget::new(None, NET_QUANTUM);
+        none.charge(1 << 40);
+        assert!(none.open());
+    }
+
+    #[test]
+    fn disk_limits_charge_by_kind_and_size() {
+        let spec = QosSpec {
+            read_iops: Some(Rate {
+                rate: 100,
+                burst: Some(10),
+            }),
+            bps: Some(Rate {
+                rate: 1 << 20,
+                burst: Some(1 << 20),
+            }),
+            ..QosSpec::default()
+        };
+        let stats = DiskStats::default();
+        let mut q = DiskQos::new(&spec, 0).unwrap();
+        // A 1 MiB read is 8 operations of 128 KiB and the whole byte burst.
+        assert!(q.admit(ReqType::Read, 1 << 20, 0, &stats));
+        assert!(!q.admit(ReqType::Read, 4096, 0, &stats), "no bytes left");
+        assert!(q.admit(ReqType::Flush, 0, 0, &stats), "flushes are free");
+        // 10 ms: 1 read operation and 10 KiB come back.
+        assert!(q.admit(ReqType::Read, 4096, 10 * MS, &stats));
+        assert_eq!(stats.snapshot().throttled_ns, 10 * MS);
+        // Writes have no IOPS limit here, only the shared bytes.
+        assert!(q.admit(ReqType::Discard, 1 << 30, 10 * MS, &stats));
+        assert!(q.wait(10 * MS).is_none());
+    }
+}
