@@ -7,6 +7,7 @@
 //! worker's bounded lock-free [`Mailbox`].
 
 mod blk;
+mod egress;
 mod net;
 mod qos;
 mod worker;
@@ -260,6 +261,9 @@ pub(crate) struct Shared {
     pub faults: Sender<PortIdx>,
     /// Which worker serves each port.
     pub owner: Box<[AtomicU16]>,
+    /// Each port's QoS weight (1 when none is set), for the egress queues
+    /// of the ports it sends to.
+    pub weights: Box<[AtomicU16]>,
     pub mailboxes: Vec<Mailbox>,
     pub epoch: Instant,
 }
@@ -270,6 +274,24 @@ impl Shared {
         match self.owner.get(usize::from(idx))?.load(Ordering::Acquire) {
             NO_WORKER => None,
             w => Some(usize::from(w)),
+        }
+    }
+
+    /// A port's QoS weight.
+    #[inline]
+    pub fn weight(&self, idx: PortIdx) -> u16 {
+        self.weights
+            .get(usize::from(idx))
+            .map_or(1, |w| w.load(Ordering::Relaxed))
+    }
+
+    /// Publish a port's QoS weight.
+    pub fn set_weight(&self, idx: PortIdx, qos: &crate::qos::QosSpec) {
+        if let Some(w) = self.weights.get(usize::from(idx)) {
+            w.store(
+                qos.weight.unwrap_or(1).min(u32::from(u16::MAX)) as u16,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -315,6 +337,7 @@ impl Dataplane {
             fdb: Fdb::new(fdb_capacity, ageing_ms),
             faults,
             owner: (0..MAX_PORTS).map(|_| AtomicU16::new(NO_WORKER)).collect(),
+            weights: (0..MAX_PORTS).map(|_| AtomicU16::new(1)).collect(),
             mailboxes,
             epoch: Instant::now(),
         });

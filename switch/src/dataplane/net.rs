@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::qos::NetQos;
+use super::qos::{Gate, NetQos};
 use super::{
     Frame, NetFeatures, PortSettings, Shared, FLOOD, MAX_BATCH, MAX_FRAME_LEN, MAX_QUEUE_PAIRS,
 };
@@ -249,9 +249,118 @@ struct FrameRef<'a> {
     hash: usize,
 }
 
-/// Copy a frame into the RX buffers of `ports[pos]`.
+/// Hand a frame to `ports[pos]`: through its egress limit, into its
+/// guest's RX buffers (or its egress queue).
 #[inline]
 fn deliver(
+    ports: &mut [NetPort],
+    pos: usize,
+    f: FrameRef<'_>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), DropReason> {
+    let port = &mut ports[pos];
+    if port.settings.over_mtu(f.len) {
+        return Err(DropReason::MtuExceeded);
+    }
+    if let Some(q) = port.qos.as_deref_mut() {
+        match q.egress_gate(f.len, ctx.now_ns, &port.stats) {
+            Gate::Pass => {}
+            Gate::Drop => return Err(DropReason::EgressPoliced),
+            Gate::Queue => {
+                let weight = ctx.shared.weight(f.src);
+                let Some(queue) = q.queue.as_mut() else {
+                    return Err(DropReason::EgressQueueFull);
+                };
+                let (segs, skip) = (f.segs, f.skip);
+                let queued = queue.push(f.src, weight, f.len, f.hash as u32, |buf| {
+                    let mut cur = Cursor::new(segs, skip);
+                    // SAFETY: `buf` is `f.len` bytes long, and the frame's
+                    // segments hold `f.len` bytes after `skip` (checked by
+                    // the caller when it took the frame).
+                    unsafe { cur.copy_to(buf.as_mut_ptr(), f.len) };
+                });
+                return if queued {
+                    Ok(())
+                } else {
+                    Err(DropReason::EgressQueueFull)
+                };
+            }
+        }
+    }
+    deliver_now(ports, pos, f, ctx)
+}
+
+/// Send the frames queued for `ports[pos]` that its egress tokens allow.
+/// Returns the frames taken from the queue.
+pub(super) fn drain_egress(ports: &mut [NetPort], pos: usize, ctx: &mut Ctx<'_>) -> usize {
+    let Some(q) = ports[pos].qos.as_deref_mut() else {
+        return 0;
+    };
+    let Some(queue) = q.queue.as_mut() else {
+        return 0;
+    };
+    if queue.is_empty() {
+        return 0;
+    }
+    // The frames are read from the buffer while the port is borrowed
+    // mutably: take it out for the while (a pointer move).
+    let buf = queue.take_buf();
+    let mut sent = 0;
+    loop {
+        let port = &mut ports[pos];
+        let Some(q) = port.qos.as_deref_mut() else {
+            break;
+        };
+        let Some(front) = q.queue.as_ref().and_then(|x| x.front()) else {
+            break;
+        };
+        if !q.release_queued(front.len, ctx.now_ns, &port.stats) {
+            break;
+        }
+        let seg = [Seg {
+            // SAFETY: `front` lies inside `buf` (the queue placed it there).
+            ptr: unsafe { buf.as_ptr().add(front.off as usize) } as *mut u8,
+            len: front.len,
+            writable: false,
+        }];
+        let f = FrameRef {
+            segs: &seg,
+            skip: 0,
+            len: front.len,
+            src: front.src,
+            vlan: 0,
+            hash: front.hash as usize,
+        };
+        let res = deliver_now(ports, pos, f, ctx);
+        let port = &mut ports[pos];
+        let Some(q) = port.qos.as_deref_mut() else {
+            break;
+        };
+        match res {
+            Err(DropReason::NoRxBuffer) => {
+                // Keep it for when the guest posts buffers (its tokens are
+                // spent: it goes first then).
+                q.rx_blocked = true;
+                break;
+            }
+            Err(why) => port.stats.count_drop(why),
+            Ok(()) => {}
+        }
+        q.rx_blocked = false;
+        if let Some(queue) = q.queue.as_mut() {
+            queue.pop();
+        }
+        sent += 1;
+    }
+    if let Some(queue) = ports[pos].qos.as_deref_mut().and_then(|q| q.queue.as_mut()) {
+        queue.put_buf(buf);
+    }
+    sent
+}
+
+/// Copy a frame into the RX buffers of `ports[pos]`.
+#[inline]
+fn deliver_now(
     ports: &mut [NetPort],
     pos: usize,
     f: FrameRef<'_>,
@@ -265,14 +374,6 @@ fn deliver(
         ..
     } = f;
     let port = &mut ports[pos];
-    if port.settings.over_mtu(len) {
-        return Err(DropReason::MtuExceeded);
-    }
-    if let Some(q) = port.qos.as_deref_mut() {
-        if !q.admit_egress(len, ctx.now_ns, &port.stats) {
-            return Err(DropReason::EgressPoliced);
-        }
-    }
     if port.broken || port.n_rx_active == 0 {
         return Err(DropReason::NoRxBuffer);
     }

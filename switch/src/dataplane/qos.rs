@@ -8,14 +8,17 @@
 //! contention ports are served in proportion to their weights, and a port
 //! with less to send leaves the rest of the pass to the others.
 
+use super::egress::EgressQueue;
 use crate::blk::ReqType;
-use crate::qos::{LimitMode, Meter, QosSpec, TokenBucket, DEFAULT_IO_SIZE};
+use crate::qos::{LimitMode, Meter, QosSpec, TokenBucket, DEFAULT_EGRESS_QUEUE, DEFAULT_IO_SIZE};
 use crate::stats::{DiskStats, PortStats, QosCounter};
 
 /// Bytes of budget per visit and unit of weight (net ports).
 const NET_QUANTUM: i64 = 64 * 1024;
 /// Bytes of budget per visit and unit of weight (disks).
 const DISK_QUANTUM: i64 = 256 * 1024;
+/// How often queued egress frames are retried while the guest posts no RX buffer.
+const RX_RETRY_NS: u64 = 1_000_000;
 /// Least a disk request is charged against its budget.
 const DISK_MIN_COST: i64 = 4096;
 
@@ -92,6 +95,22 @@ pub(super) struct NetQos {
     pub egress: Option<Meter>,
     pub budget: Budget,
     pub ingress_throttle: Throttle,
+    /// Frames waiting for egress tokens (egress shaping only).
+    pub queue: Option<EgressQueue>,
+    pub egress_throttle: Throttle,
+    /// The guest had no RX buffer for the oldest queued frame.
+    pub rx_blocked: bool,
+}
+
+/// What to do with a frame to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    /// Deliver it now.
+    Pass,
+    /// Over the policer: drop it.
+    Drop,
+    /// Over the shaper (or behind queued frames): queue it.
+    Queue,
 }
 
 impl NetQos {
@@ -105,7 +124,17 @@ impl NetQos {
             egress: spec.egress.map(|l| Meter::new(&l, now)),
             budget: Budget::new(spec.weight, NET_QUANTUM),
             ingress_throttle: Throttle::default(),
+            queue: Self::queue_for(spec).map(EgressQueue::new),
+            egress_throttle: Throttle::default(),
+            rx_blocked: false,
         }))
+    }
+
+    /// The egress queue budget `spec` asks for (None: no egress shaping).
+    fn queue_for(spec: &QosSpec) -> Option<u64> {
+        spec.egress
+            .filter(|l| l.mode == LimitMode::Shape)
+            .map(|_| spec.egress_queue.unwrap_or(DEFAULT_EGRESS_QUEUE))
     }
 
     /// Apply a new spec to `cur`, keeping what the buckets hold.
@@ -130,6 +159,15 @@ impl NetQos {
                     q.ingress_throttle = Throttle::default();
                 }
                 q.budget = Budget::new(spec.weight, NET_QUANTUM);
+                // A queue keeps its frames: a new budget applies once it is
+                // empty, and frames queued when shaping stops still go out
+                // (at once, there being no more limit).
+                match (Self::queue_for(spec), q.queue.as_ref()) {
+                    (Some(b), Some(old)) if old.budget() == b || !old.is_empty() => {}
+                    (Some(b), _) => q.queue = Some(EgressQueue::new(b)),
+                    (None, Some(old)) if !old.is_empty() => {}
+                    (None, _) => q.queue = None,
+                }
             }
             _ => *cur = NetQos::new(spec, now),
         }
@@ -170,18 +208,55 @@ impl NetQos {
         pass
     }
 
-    /// Egress: whether a frame of `len` bytes to the guest passes now.
+    /// Egress: what to do with a frame of `len` bytes to the guest. Tokens
+    /// are taken when it passes.
     #[inline]
-    pub fn admit_egress(&mut self, len: u32, now: u64, stats: &PortStats) -> bool {
+    pub fn egress_gate(&mut self, len: u32, now: u64, stats: &PortStats) -> Gate {
+        let queued = self.queue.as_ref().is_some_and(|q| !q.is_empty());
         let Some(m) = self.egress.as_mut() else {
-            return true;
+            return if queued { Gate::Queue } else { Gate::Pass };
         };
-        if !m.take(len, now) {
-            return false;
+        if !queued && m.take(len, now) {
+            stats.add_qos(QosCounter::EgressPackets, 1);
+            stats.add_qos(QosCounter::EgressBytes, u64::from(len));
+            return Gate::Pass;
         }
-        stats.add_qos(QosCounter::EgressPackets, 1);
-        stats.add_qos(QosCounter::EgressBytes, u64::from(len));
-        true
+        match m.mode() {
+            LimitMode::Police => Gate::Drop,
+            LimitMode::Shape => Gate::Queue,
+        }
+    }
+
+    /// Egress: whether the oldest queued frame (`len` bytes) may go now
+    /// (tokens taken if so).
+    #[inline]
+    pub fn release_queued(&mut self, len: u32, now: u64, stats: &PortStats) -> bool {
+        let pass = self.egress.as_mut().is_none_or(|m| m.take(len, now));
+        if pass {
+            stats.add_qos(QosCounter::EgressPackets, 1);
+            stats.add_qos(QosCounter::EgressBytes, u64::from(len));
+            stats.add_qos(
+                QosCounter::EgressThrottledNs,
+                self.egress_throttle.release(now),
+            );
+        } else {
+            self.egress_throttle.hold(now);
+        }
+        pass
+    }
+
+    /// Nanoseconds until queued egress frames may go on (None: nothing queued).
+    pub fn egress_wait(&mut self, now: u64) -> Option<u64> {
+        let front = self.queue.as_ref()?.front()?;
+        if self.rx_blocked {
+            // Waiting for the guest to post RX buffers: look again soon.
+            return Some(RX_RETRY_NS);
+        }
+        Some(
+            self.egress
+                .as_mut()
+                .map_or(0, |m| m.wait_ns(front.len, now)),
+        )
     }
 
     /// Nanoseconds until the held ingress may go on (None: not held).

@@ -245,6 +245,11 @@ impl Worker {
             }
         }
         work += mailbox_pass(&mut self.ports, &mut self.parked, &mut ctx, MAILBOX_BATCH);
+        for pos in 0..self.ports.len() {
+            if self.ports[pos].qos.is_some() {
+                work += net::drain_egress(&mut self.ports, pos, &mut ctx);
+            }
+        }
         let wake = ctx.remote_wake;
         self.flush(wake);
         work + self.poll_disks()
@@ -396,6 +401,7 @@ impl Worker {
         mb.sleeping.store(true, Ordering::SeqCst);
         let mut pending = false;
         for p in self.ports.iter_mut().filter(|p| !p.broken) {
+            held(p.qos.as_deref_mut().and_then(|q| q.egress_wait(now)));
             let holding = held(p.qos.as_deref_mut().and_then(|q| q.ingress_wait(now)));
             for r in p.tx.iter_mut().flatten() {
                 r.enable_notification();
@@ -659,6 +665,7 @@ impl Worker {
                         let p = &mut self.ports[pos];
                         if p.settings.qos != settings.qos {
                             NetQos::update(&mut p.qos, &settings.qos, now);
+                            self.shared.set_weight(idx, &settings.qos);
                         }
                         p.settings = settings;
                         Ok(())
@@ -681,6 +688,7 @@ impl Worker {
         }
         match device {
             Device::Net { stats, settings } => {
+                self.shared.set_weight(idx, &settings.qos);
                 self.local[usize::from(idx)] = self.ports.len() as u16;
                 self.ports.push(NetPort::new(
                     idx,
