@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use crossbeam_channel::Sender;
 
@@ -47,6 +48,7 @@ impl Default for WorkerConfig {
 const TOKEN_WAKE: u64 = 0;
 const TOKEN_MAILBOX: u64 = 1;
 const TOKEN_IO: u64 = 2;
+const TOKEN_TIMER: u64 = 3;
 const TOKEN_KICK: u64 = 1 << 32;
 /// Frames taken from the mailbox per loop iteration.
 const MAILBOX_BATCH: usize = 256;
@@ -83,6 +85,8 @@ pub(crate) struct Worker {
     next_gen: u16,
     /// Disk commands waiting for requests in flight to finish.
     deferred: Vec<Deferred>,
+    /// Wakes a sleeping worker when a shaper's or a disk limit's tokens are due.
+    timer: TimerFd,
 }
 
 /// Where a port is on this worker.
@@ -119,6 +123,12 @@ impl Worker {
         config: WorkerConfig,
     ) -> Result<Self, DataplaneError> {
         let epoll = Epoll::new()?;
+        let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        epoll.ctl(
+            ControlOperation::Add,
+            std::os::fd::AsRawFd::as_raw_fd(&timer),
+            EpollEvent::new(EventSet::IN, TOKEN_TIMER),
+        )?;
         epoll.ctl(
             ControlOperation::Add,
             std::os::fd::AsRawFd::as_raw_fd(&wake),
@@ -148,6 +158,7 @@ impl Worker {
             blk_scratch: BlkScratch::new(),
             next_gen: 0,
             deferred: Vec::new(),
+            timer,
         })
     }
 
@@ -417,12 +428,19 @@ impl Worker {
         }
         pending |= !mb.frames.is_empty() || !self.commands.is_empty();
         pending |= self.engine.as_mut().is_some_and(|e| e.has_completions());
-        // Tokens due within a millisecond (epoll's resolution): keep polling.
-        pending |= wake_in.is_some_and(|ns| ns < 1_000_000);
+        pending |= wake_in == Some(0);
+        let armed = !pending && wake_in.is_some();
+        if armed {
+            // Nanosecond precision: a timerfd rather than epoll's milliseconds.
+            let due = Duration::from_nanos(wake_in.unwrap_or(0));
+            if let Err(e) = self.timer.reset(due, None) {
+                log::error!("worker {}: cannot arm its timer: {e}", self.id);
+                pending = true;
+            }
+        }
         if !pending {
-            let timeout_ms = wake_in.map_or(1000, |ns| ns.div_ceil(1_000_000).min(1000) as i32);
             let mut events = [EpollEvent::default(); 64];
-            match self.epoll.wait(timeout_ms, &mut events) {
+            match self.epoll.wait(1000, &mut events) {
                 Ok(n) => {
                     for ev in &events[..n] {
                         self.consume_event(ev.data());
@@ -433,6 +451,9 @@ impl Worker {
             }
         }
         mb.sleeping.store(false, Ordering::SeqCst);
+        if armed {
+            let _ = self.timer.clear();
+        }
         for p in &mut self.ports {
             for r in p.tx.iter_mut().flatten() {
                 r.disable_notification();
@@ -453,6 +474,11 @@ impl Worker {
                 if let Some(e) = &self.engine {
                     e.clear_notify();
                 }
+                None
+            }
+            TOKEN_TIMER => {
+                // Expired (epoll said so): the read does not block.
+                let _ = self.timer.wait();
                 None
             }
             t => {
