@@ -314,7 +314,8 @@ pub(super) fn drain_egress(ports: &mut [NetPort], pos: usize, ctx: &mut Ctx<'_>)
         let Some(front) = q.queue.as_ref().and_then(|x| x.front()) else {
             break;
         };
-        if !q.release_queued(front.len, ctx.now_ns, &port.stats) {
+        // A frame the guest had no room for has paid already.
+        if !q.rx_blocked && !q.release_queued(front.len, ctx.now_ns, &port.stats) {
             break;
         }
         let seg = [Seg {

@@ -98,7 +98,8 @@ pub(super) struct NetQos {
     /// Frames waiting for egress tokens (egress shaping only).
     pub queue: Option<EgressQueue>,
     pub egress_throttle: Throttle,
-    /// The guest had no RX buffer for the oldest queued frame.
+    /// The guest had no RX buffer for the oldest queued frame (whose
+    /// tokens are already taken).
     pub rx_blocked: bool,
 }
 
@@ -139,8 +140,14 @@ impl NetQos {
 
     /// Apply a new spec to `cur`, keeping what the buckets hold.
     pub fn update(cur: &mut Option<Box<Self>>, spec: &QosSpec, now: u64) {
+        // Frames queued for the guest are never thrown away by a change:
+        // with no limit left they go out at once.
+        let queued = cur
+            .as_ref()
+            .and_then(|q| q.queue.as_ref())
+            .is_some_and(|q| !q.is_empty());
         match cur {
-            Some(q) if NetQos::new(spec, now).is_some() => {
+            Some(q) if queued || NetQos::new(spec, now).is_some() => {
                 q.ingress = match (q.ingress.take(), spec.ingress) {
                     (Some(mut m), Some(l)) => {
                         m.update(&l, now);
