@@ -26,6 +26,8 @@ use serde_json::{json, Value};
 ///   vioctl disk add d0 --path /var/lib/images/vm1.raw   # RUN_DIR/d0.sock
 ///   vioctl disk resize d0 --size 20G
 ///   vioctl disk stats d0
+///   vioctl qos set vm1 --ingress-rate 100M --ingress-mode shape
+///   vioctl qos set d0 --read-iops 2000 --write-bps 50M
 ///   vioctl --json port list
 ///   vioctl monitor
 ///
@@ -72,6 +74,32 @@ enum Cmd {
     ///   vioctl disk del d1
     #[command(subcommand, verbatim_doc_comment)]
     Disk(DiskCmd),
+    /// Limit and share the traffic of net ports and the requests of disks
+    ///
+    /// Net ports: a rate limit per direction (ingress: from the guest;
+    /// egress: to the guest), policed (excess dropped) or shaped (excess
+    /// waits: ingress is lossless, egress queues up to --egress-queue bytes
+    /// then drops), in bits/s or packets/s, with a burst and an optional
+    /// peak rate. Disks: IOPS and bytes/s limits, per kind or in total
+    /// (lossless: requests wait in the ring). Both: a weight, the share of
+    /// a busy worker. `qos set` changes only the options given; changes
+    /// apply within a millisecond.
+    ///
+    /// Rates: bits/s, packets/s or IOPS with a decimal suffix k, M, G
+    /// (100M = 100 000 000); bytes and bytes/s with a binary suffix K, M, G
+    /// (50M = 50 MiB).
+    ///
+    /// Examples:
+    ///   vioctl qos set vm1 --ingress-rate 100M --ingress-mode shape
+    ///   vioctl qos set vm1 --egress-rate 1G --egress-peak 2G --egress-burst 1M
+    ///   vioctl qos set vm2 --egress-rate 10k --egress-unit packets --weight 4
+    ///   vioctl qos set d0 --read-iops 2000 --write-iops 500 --bps 100M
+    ///   vioctl qos show                  # every port and disk with QoS
+    ///   vioctl qos show vm1              # limits and counters
+    ///   vioctl qos clear vm1 egress      # or ingress.peak, weight, ...
+    ///   vioctl qos clear d0              # all of it
+    #[command(subcommand, verbatim_doc_comment)]
+    Qos(QosCmd),
     /// Show or flush the MAC learning table.
     #[command(subcommand)]
     Fdb(FdbCmd),
@@ -258,6 +286,311 @@ enum DiskCmd {
 }
 
 #[derive(Subcommand, Debug)]
+enum QosCmd {
+    /// Set limits of a net port or disk; options not given stay as they are
+    ///
+    /// Net ports take the --ingress-*, --egress-* and --egress-queue
+    /// options, disks the IOPS, bytes/s and --io-size ones; both take
+    /// --weight.
+    ///
+    /// Examples:
+    ///   vioctl qos set vm1 --ingress-rate 100M --ingress-mode shape
+    ///   vioctl qos set vm1 --ingress-burst 1M        # the rate stays 100 Mbit/s
+    ///   vioctl qos set vm2 --egress-rate 10k --egress-unit packets --egress-mode shape
+    ///   vioctl qos set d0 --read-iops 2000 --read-iops-burst 4000 --bps 200M
+    #[command(verbatim_doc_comment)]
+    Set {
+        name: String,
+        #[command(flatten)]
+        limits: QosLimits,
+    },
+    /// Show the QoS settings and counters of a port or disk, or of every
+    /// one that has QoS set.
+    Show { name: Option<String> },
+    /// Clear a port's or disk's QoS, or only the FIELDs given
+    ///
+    /// Fields: ingress, egress, egress_queue, weight, read_iops,
+    /// write_iops, iops, read_bps, write_bps, bps, io_size; or a part of a
+    /// limit: ingress.peak, egress.burst, read_iops.burst, ...
+    ///
+    /// Examples:
+    ///   vioctl qos clear vm1                 # no limits, no weight
+    ///   vioctl qos clear vm1 ingress weight
+    ///   vioctl qos clear vm1 egress.peak egress.peak_burst
+    #[command(verbatim_doc_comment)]
+    Clear { name: String, fields: Vec<String> },
+}
+
+/// How a QoS option's value is written.
+#[derive(Clone, Copy, Debug)]
+enum QosValue {
+    /// bits/s, packets/s or operations/s: decimal suffixes.
+    Rate,
+    /// Bytes or bytes/s: binary suffixes.
+    Bytes,
+    /// A plain integer.
+    Count,
+    /// police or shape.
+    Mode,
+    /// bits or packets.
+    Unit,
+}
+
+impl QosValue {
+    fn name(self) -> &'static str {
+        match self {
+            QosValue::Rate => "RATE",
+            QosValue::Bytes => "BYTES",
+            QosValue::Count => "N",
+            QosValue::Mode => "MODE",
+            QosValue::Unit => "UNIT",
+        }
+    }
+
+    fn parser(self) -> clap::builder::ValueParser {
+        use clap::builder::{PossibleValuesParser, ValueParser};
+        let choice =
+            |v: [&'static str; 2]| ValueParser::new(PossibleValuesParser::new(v).map(Value::from));
+        match self {
+            QosValue::Rate => ValueParser::new(|s: &str| parse_rate(s).map(Value::from)),
+            QosValue::Bytes => ValueParser::new(|s: &str| parse_size(s).map(Value::from)),
+            QosValue::Count => ValueParser::new(|s: &str| {
+                s.parse::<u32>()
+                    .map(Value::from)
+                    .map_err(|_| format!("{s:?} is not a whole number"))
+            }),
+            QosValue::Mode => choice(["police", "shape"]),
+            QosValue::Unit => choice(["bits", "packets"]),
+        }
+    }
+}
+
+/// A `vioctl qos set` option: where its value goes in `qos.set`.
+#[derive(Debug)]
+struct QosOpt {
+    flag: &'static str,
+    field: &'static str,
+    /// The part of a limit (`rate`, `burst`, ...), or none for a plain field.
+    part: Option<&'static str>,
+    value: QosValue,
+    heading: &'static str,
+    help: &'static str,
+}
+
+const NET_HEADING: &str = "Net port limits";
+const DISK_HEADING: &str = "Disk limits";
+
+/// The options of one direction of a net port.
+macro_rules! net_limit_opts {
+    ($dir:literal, $what:literal) => {
+        [
+            QosOpt {
+                flag: concat!($dir, "-rate"),
+                field: $dir,
+                part: Some("rate"),
+                value: QosValue::Rate,
+                heading: NET_HEADING,
+                help: concat!(
+                    "Average rate ", $what, ": bits/s with k, M, G (100M = 100 Mbit/s), or packets/s with --",
+                    $dir, "-unit packets"
+                ),
+            },
+            QosOpt {
+                flag: concat!($dir, "-burst"),
+                field: $dir,
+                part: Some("burst"),
+                value: QosValue::Bytes,
+                heading: NET_HEADING,
+                help: "Burst at the average rate: bytes with K, M, G, or packets [default: 10 ms at the rate, at least one 16 KiB frame]",
+            },
+            QosOpt {
+                flag: concat!($dir, "-peak"),
+                field: $dir,
+                part: Some("peak"),
+                value: QosValue::Rate,
+                heading: NET_HEADING,
+                help: "Peak rate (at least the rate) at which a burst goes out [default: line rate]",
+            },
+            QosOpt {
+                flag: concat!($dir, "-peak-burst"),
+                field: $dir,
+                part: Some("peak_burst"),
+                value: QosValue::Bytes,
+                heading: NET_HEADING,
+                help: "Burst at the peak rate: bytes or packets [default: one frame]",
+            },
+            QosOpt {
+                flag: concat!($dir, "-mode"),
+                field: $dir,
+                part: Some("mode"),
+                value: QosValue::Mode,
+                heading: NET_HEADING,
+                help: concat!("Over the ", $dir, " rate: police (drop) or shape (wait) [default: police]"),
+            },
+            QosOpt {
+                flag: concat!($dir, "-unit"),
+                field: $dir,
+                part: Some("unit"),
+                value: QosValue::Unit,
+                heading: NET_HEADING,
+                help: concat!("What the ", $dir, " rate counts [default: bits]"),
+            },
+        ]
+    };
+}
+
+/// The options of one disk rate limit.
+macro_rules! disk_rate_opts {
+    ($flag:literal, $field:literal, $value:expr, $what:literal) => {
+        [
+            QosOpt {
+                flag: $flag,
+                field: $field,
+                part: Some("rate"),
+                value: $value,
+                heading: DISK_HEADING,
+                help: $what,
+            },
+            QosOpt {
+                flag: concat!($flag, "-burst"),
+                field: $field,
+                part: Some("burst"),
+                value: $value,
+                heading: DISK_HEADING,
+                help: concat!("Burst of --", $flag, " [default: one second at the rate]"),
+            },
+        ]
+    };
+}
+
+const NET_LIMIT_OPTS: [[QosOpt; 6]; 2] = [
+    net_limit_opts!("ingress", "from the guest"),
+    net_limit_opts!("egress", "to the guest"),
+];
+
+const DISK_RATE_OPTS: [[QosOpt; 2]; 6] = [
+    disk_rate_opts!(
+        "read-iops",
+        "read_iops",
+        QosValue::Rate,
+        "Read operations per second"
+    ),
+    disk_rate_opts!(
+        "write-iops",
+        "write_iops",
+        QosValue::Rate,
+        "Write operations per second (discard and write-zeroes count)"
+    ),
+    disk_rate_opts!(
+        "iops",
+        "iops",
+        QosValue::Rate,
+        "Operations per second, reads and writes together"
+    ),
+    disk_rate_opts!(
+        "read-bps",
+        "read_bps",
+        QosValue::Bytes,
+        "Bytes read per second, with K, M, G (100M = 100 MiB/s)"
+    ),
+    disk_rate_opts!(
+        "write-bps",
+        "write_bps",
+        QosValue::Bytes,
+        "Bytes written per second"
+    ),
+    disk_rate_opts!(
+        "bps",
+        "bps",
+        QosValue::Bytes,
+        "Bytes per second, read and written together"
+    ),
+];
+
+const OTHER_QOS_OPTS: [QosOpt; 3] = [
+    QosOpt {
+        flag: "egress-queue",
+        field: "egress_queue",
+        part: None,
+        value: QosValue::Bytes,
+        heading: NET_HEADING,
+        help:
+            "Bytes a shaped egress may hold for the guest before it drops, 16K-64M [default: 256K]",
+    },
+    QosOpt {
+        flag: "io-size",
+        field: "io_size",
+        part: None,
+        value: QosValue::Bytes,
+        heading: DISK_HEADING,
+        help:
+            "Bytes one operation covers: a larger request counts as several, 4K-16M [default: 128K]",
+    },
+    QosOpt {
+        flag: "weight",
+        field: "weight",
+        part: None,
+        value: QosValue::Count,
+        heading: "Net ports and disks",
+        help:
+            "Share of a busy worker, 1-1000 (proportional to the others' weights) [default: none]",
+    },
+];
+
+/// Every `vioctl qos set` option, in help order.
+fn qos_opts() -> impl Iterator<Item = &'static QosOpt> {
+    NET_LIMIT_OPTS
+        .iter()
+        .flatten()
+        .chain(&OTHER_QOS_OPTS[..1])
+        .chain(DISK_RATE_OPTS.iter().flatten())
+        .chain(&OTHER_QOS_OPTS[1..])
+}
+
+/// The options of `vioctl qos set`, as the `qos.set` fields they give.
+#[derive(Debug, Clone, Default)]
+struct QosLimits(Value);
+
+impl clap::FromArgMatches for QosLimits {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut fields = json!({});
+        for o in qos_opts() {
+            if let Some(v) = m.get_one::<Value>(o.flag) {
+                match o.part {
+                    Some(p) => fields[o.field][p] = v.clone(),
+                    None => fields[o.field] = v.clone(),
+                }
+            }
+        }
+        Ok(QosLimits(fields))
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for QosLimits {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        qos_opts().fold(cmd, |cmd, o| {
+            cmd.arg(
+                clap::Arg::new(o.flag)
+                    .long(o.flag)
+                    .value_name(o.value.name())
+                    .value_parser(o.value.parser())
+                    .help_heading(o.heading)
+                    .help(o.help),
+            )
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[derive(Subcommand, Debug)]
 enum FdbCmd {
     /// List learnt MAC addresses.
     Show {
@@ -435,6 +768,20 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
                 ),
             ),
         },
+        Cmd::Qos(q) => match q {
+            QosCmd::Set { name, limits } => {
+                let mut args = limits.0.clone();
+                args["name"] = json!(name);
+                ("qos.set", args)
+            }
+            QosCmd::Show { name } => ("qos.show", opt_name(name)),
+            QosCmd::Clear { name, fields } if fields.is_empty() => {
+                ("qos.clear", json!({ "name": name }))
+            }
+            QosCmd::Clear { name, fields } => {
+                ("qos.clear", json!({ "name": name, "fields": fields }))
+            }
+        },
         Cmd::Fdb(f) => match f {
             FdbCmd::Show { port } => ("fdb.show", opt_port(port)),
             FdbCmd::Flush { port } => ("fdb.flush", opt_port(port)),
@@ -482,24 +829,70 @@ fn opt_name(name: &Option<String>) -> Value {
 
 const SIZE_UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
 
+/// A number with an optional suffix from `units` (any case), or the
+/// message `bad` gives.
+fn parse_scaled(s: &str, units: &[(&str, u64)], bad: impl Fn() -> String) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, suffix) = s.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let suffix = suffix.to_ascii_lowercase();
+    let scale = match units.iter().find(|(u, _)| *u == suffix) {
+        Some((_, scale)) => *scale,
+        None => return Err(bad()),
+    };
+    n.checked_mul(scale)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// A size in bytes: digits, optionally followed by a binary suffix K, M, G
 /// or T (also KiB, MiB, GiB, TiB; any case).
 fn parse_size(s: &str) -> Result<u64, String> {
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, suffix) = s.split_at(digits);
-    let bad =
-        || format!("{s:?} is not a size: give bytes, or a number with K, M, G or T (e.g. 10G)");
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
+    const UNITS: [(&str, u64); 9] = [
+        ("", 1),
+        ("k", 1 << 10),
+        ("kib", 1 << 10),
+        ("m", 1 << 20),
+        ("mib", 1 << 20),
+        ("g", 1 << 30),
+        ("gib", 1 << 30),
+        ("t", 1 << 40),
+        ("tib", 1 << 40),
+    ];
+    parse_scaled(s, &UNITS, || {
+        format!("{s:?} is not a size: give bytes, or a number with K, M, G or T (e.g. 10G)")
+    })
+}
+
+/// A rate (bits/s, packets/s, operations/s): digits, optionally followed by
+/// a decimal suffix k, M, G or T (any case; 100M = 100 000 000).
+fn parse_rate(s: &str) -> Result<u64, String> {
+    const UNITS: [(&str, u64); 5] = [
+        ("", 1),
+        ("k", 1_000),
+        ("m", 1_000_000),
+        ("g", 1_000_000_000),
+        ("t", 1_000_000_000_000),
+    ];
+    parse_scaled(s, &UNITS, || {
+        format!("{s:?} is not a rate: give a number, or one with k, M, G or T (e.g. 100M = 100 000 000)")
+    })
+}
+
+/// A rate for people: `100 M` + unit, exact on unit boundaries, else one
+/// decimal.
+fn human_rate(n: u64, unit: &str) -> String {
+    let prefixes = ["", "k", "M", "G", "T"];
+    let mut i = 0;
+    let mut scale = 1u64;
+    while i + 1 < prefixes.len() && n / scale >= 1000 {
+        i += 1;
+        scale *= 1000;
+    }
+    if n % scale == 0 {
+        format!("{} {}{unit}", n / scale, prefixes[i])
+    } else {
+        format!("{:.1} {}{unit}", n as f64 / scale as f64, prefixes[i])
+    }
 }
 
 /// Bytes for people: `512 B`, `64 MiB`, `1.5 GiB`: exact on unit
@@ -588,9 +981,7 @@ fn table_lines(rows: &[Value], cols: &[&str]) -> Vec<String> {
 
 /// Print rows of objects as an aligned table with the given columns.
 fn table(rows: &[Value], cols: &[&str]) {
-    for l in table_lines(rows, cols) {
-        println!("{l}");
-    }
+    print_lines(table_lines(rows, cols))
 }
 
 fn print_stats(name: &str, s: &Value) {
@@ -605,8 +996,8 @@ fn print_stats(name: &str, s: &Value) {
     }
 }
 
-fn print_disk_stats(name: &str, s: &Value) {
-    println!("{name}:");
+/// Requests and bytes by kind of a disk's counters, as indented table lines.
+fn disk_op_lines(s: &Value) -> Vec<String> {
     let ops: Vec<Value> = s["ops"]
         .as_object()
         .map(|m| {
@@ -615,8 +1006,16 @@ fn print_disk_stats(name: &str, s: &Value) {
                 .collect()
         })
         .unwrap_or_default();
-    for l in table_lines(&ops, &["request", "ops", "bytes"]) {
-        println!("  {l}");
+    table_lines(&ops, &["request", "ops", "bytes"])
+        .into_iter()
+        .map(|l| format!("  {l}"))
+        .collect()
+}
+
+fn print_disk_stats(name: &str, s: &Value) {
+    println!("{name}:");
+    for l in disk_op_lines(s) {
+        println!("{l}");
     }
     for k in ["in_flight", "broken"] {
         println!("  {k:<22} {}", cell(&s[k]));
@@ -651,6 +1050,132 @@ fn print_show(name: &str, result: &Value, print: fn(&str, &Value)) {
         }
     }
     print(&format!("{name} counters"), &result["stats"]);
+}
+
+/// A limit's rate and burst for people: `f` formats a rate, `unit` is what
+/// a burst counts (`None`: bytes).
+fn limit_row(name: &str, l: &Value, f: impl Fn(u64) -> String, unit: Option<&str>) -> Value {
+    let burst = |v: &Value| match (v.as_u64(), unit) {
+        (Some(n), Some(u)) => json!(format!("{n} {u}")),
+        (Some(n), None) => json!(human_size(n)),
+        (None, _) => Value::Null,
+    };
+    let rate = |v: &Value| v.as_u64().map_or(Value::Null, |n| json!(f(n)));
+    json!({
+        "limit": name,
+        "mode": l["mode"],
+        "rate": rate(&l["rate"]),
+        "burst": burst(&l["burst"]),
+        "peak": rate(&l["peak"]),
+        "peak_burst": burst(&l["peak_burst"]),
+    })
+}
+
+/// A QoS spec (`qos.set`, `qos.clear`, `qos.show`'s `qos`) as table lines.
+fn qos_limit_lines(q: &Value) -> Vec<String> {
+    let mut rows = Vec::new();
+    for dir in ["ingress", "egress"] {
+        let l = &q[dir];
+        if l.is_object() {
+            let packets = l["unit"] == "packets";
+            let unit = if packets { "pkt/s" } else { "bit/s" };
+            rows.push(limit_row(
+                dir,
+                l,
+                |n| human_rate(n, unit),
+                packets.then_some("pkt"),
+            ));
+        }
+    }
+    let net = !rows.is_empty();
+    for k in ["read_iops", "write_iops", "iops"] {
+        if q[k].is_object() {
+            rows.push(limit_row(k, &q[k], |n| human_rate(n, "op/s"), Some("op")));
+        }
+    }
+    for k in ["read_bps", "write_bps", "bps"] {
+        if q[k].is_object() {
+            let rate = |n| format!("{}/s", human_size(n));
+            rows.push(limit_row(k, &q[k], rate, None));
+        }
+    }
+    let cols: &[&str] = if net {
+        &["limit", "mode", "rate", "burst", "peak", "peak_burst"]
+    } else {
+        &["limit", "rate", "burst"]
+    };
+    let mut lines = if rows.is_empty() {
+        vec!["no limits".to_string()]
+    } else {
+        table_lines(&rows, cols)
+    };
+    for k in ["egress_queue", "io_size"] {
+        if let Some(n) = q[k].as_u64() {
+            lines.push(format!("{k:<13} {}", human_size(n)));
+        }
+    }
+    if let Some(w) = q["weight"].as_u64() {
+        lines.push(format!("{:<13} {w}", "weight"));
+    }
+    lines
+}
+
+/// Nanoseconds as milliseconds, for people.
+fn ms(ns: &Value) -> Value {
+    ns.as_u64()
+        .map_or(Value::Null, |n| json!(format!("{:.3}", n as f64 / 1e6)))
+}
+
+/// A `qos.show` entry as lines: its limits, then its counters.
+fn qos_entry_lines(e: &Value) -> Vec<String> {
+    let mut lines = vec![format!("{} ({}):", cell(&e["name"]), cell(&e["kind"]))];
+    lines.extend(
+        qos_limit_lines(&e["qos"])
+            .into_iter()
+            .map(|l| format!("  {l}")),
+    );
+    let c = &e["counters"];
+    if e["kind"] == "disk" {
+        lines.extend(disk_op_lines(c));
+        lines.push(format!("  throttled_ms  {}", cell(&ms(&c["throttled_ns"]))));
+    } else {
+        let row = |dir: &str, queue_full: Value| {
+            json!({
+                "passed": dir,
+                "packets": c[format!("{dir}_packets")],
+                "bytes": c[format!("{dir}_bytes")],
+                "throttled_ms": ms(&c[format!("{dir}_throttled_ns")]),
+                "policed": c[format!("{dir}_policed")],
+                "queue_full": queue_full,
+            })
+        };
+        let rows = [
+            row("ingress", Value::Null),
+            row("egress", c["egress_queue_full"].clone()),
+        ];
+        lines.extend(
+            table_lines(
+                &rows,
+                &[
+                    "passed",
+                    "packets",
+                    "bytes",
+                    "throttled_ms",
+                    "policed",
+                    "queue_full",
+                ],
+            )
+            .into_iter()
+            .map(|l| format!("  {l}")),
+        );
+    }
+    lines
+}
+
+fn print_lines(lines: Vec<String>) {
+    for l in lines {
+        println!("{l}");
+    }
 }
 
 /// A disk's `size` for people: `64 MiB`, with the bytes too if `exact`.
@@ -716,6 +1241,19 @@ fn print_human(cmd: &Cmd, result: &Value) {
         ),
         Cmd::Disk(DiskCmd::Resize { name, .. }) => {
             println!("disk {name} resized to {}", cell(&disk_size(result, true)))
+        }
+        Cmd::Qos(QosCmd::Set { .. } | QosCmd::Clear { .. }) => print_lines(qos_limit_lines(result)),
+        Cmd::Qos(QosCmd::Show { name: Some(_) }) => print_lines(qos_entry_lines(result)),
+        Cmd::Qos(QosCmd::Show { name: None }) => {
+            if rows(result).is_empty() {
+                println!("no port or disk has QoS set");
+            }
+            for (i, e) in rows(result).iter().enumerate() {
+                if i > 0 {
+                    println!();
+                }
+                print_lines(qos_entry_lines(e));
+            }
         }
         Cmd::Fdb(FdbCmd::Show { .. }) => {
             table(rows(result), &["mac", "vlan", "port", "age_s", "static"])
@@ -1042,6 +1580,223 @@ mod tests {
         assert_eq!(
             req(&["fdb", "show", "--port", "vm1"]),
             ("fdb.show".into(), json!({ "port": "vm1" }))
+        );
+    }
+
+    #[test]
+    fn rates_take_decimal_suffixes() {
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("1500"), Ok(1500));
+        assert_eq!(parse_rate("10k"), Ok(10_000));
+        assert_eq!(parse_rate("10K"), Ok(10_000));
+        assert_eq!(parse_rate("100M"), Ok(100_000_000));
+        assert_eq!(parse_rate("25g"), Ok(25_000_000_000));
+        assert_eq!(parse_rate("1T"), Ok(1_000_000_000_000));
+        for bad in ["", "M", "1.5M", "10Mi", "10 M", "-1", "10x", "99999999999T"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_rate("10x").unwrap_err().contains("100M"));
+        assert_eq!(human_rate(100_000_000, "bit/s"), "100 Mbit/s");
+        assert_eq!(human_rate(1_500_000_000, "bit/s"), "1.5 Gbit/s");
+        assert_eq!(human_rate(999, "op/s"), "999 op/s");
+        assert_eq!(human_rate(10_000, "pkt/s"), "10 kpkt/s");
+    }
+
+    #[test]
+    fn qos_set_sends_only_what_is_given() {
+        assert_eq!(
+            req(&["qos", "set", "vm1", "--ingress-rate", "100M"]),
+            (
+                "qos.set".into(),
+                json!({ "name": "vm1", "ingress": { "rate": 100_000_000 } })
+            )
+        );
+        assert_eq!(
+            req(&["qos", "set", "vm1"]),
+            ("qos.set".into(), json!({ "name": "vm1" }))
+        );
+        let (cmd, args) = req(&[
+            "qos",
+            "set",
+            "vm1",
+            "--ingress-rate",
+            "1G",
+            "--ingress-burst",
+            "1M",
+            "--ingress-peak",
+            "2G",
+            "--ingress-peak-burst",
+            "64K",
+            "--ingress-mode",
+            "shape",
+            "--ingress-unit",
+            "bits",
+            "--egress-rate",
+            "10k",
+            "--egress-unit",
+            "packets",
+            "--egress-mode",
+            "police",
+            "--egress-burst",
+            "32",
+            "--egress-queue",
+            "1M",
+            "--weight",
+            "5",
+        ]);
+        assert_eq!(cmd, "qos.set");
+        assert_eq!(
+            args,
+            json!({
+                "name": "vm1",
+                "ingress": {
+                    "rate": 1_000_000_000u64, "burst": 1 << 20, "peak": 2_000_000_000u64,
+                    "peak_burst": 64 << 10, "mode": "shape", "unit": "bits",
+                },
+                "egress": { "rate": 10_000, "unit": "packets", "mode": "police", "burst": 32 },
+                "egress_queue": 1 << 20,
+                "weight": 5,
+            })
+        );
+        let (_, args) = req(&[
+            "qos",
+            "set",
+            "d0",
+            "--read-iops",
+            "2k",
+            "--read-iops-burst",
+            "4000",
+            "--write-iops",
+            "500",
+            "--write-iops-burst",
+            "50",
+            "--iops",
+            "3000",
+            "--iops-burst",
+            "10",
+            "--read-bps",
+            "100M",
+            "--read-bps-burst",
+            "1G",
+            "--write-bps",
+            "50M",
+            "--write-bps-burst",
+            "64M",
+            "--bps",
+            "120M",
+            "--bps-burst",
+            "2G",
+            "--io-size",
+            "64K",
+        ]);
+        assert_eq!(
+            args,
+            json!({
+                "name": "d0",
+                "read_iops": { "rate": 2000, "burst": 4000 },
+                "write_iops": { "rate": 500, "burst": 50 },
+                "iops": { "rate": 3000, "burst": 10 },
+                "read_bps": { "rate": 100u64 << 20, "burst": 1u64 << 30 },
+                "write_bps": { "rate": 50u64 << 20, "burst": 64u64 << 20 },
+                "bps": { "rate": 120u64 << 20, "burst": 2u64 << 30 },
+                "io_size": 64 << 10,
+            })
+        );
+        for bad in [
+            &["qos", "set", "vm1", "--ingress-rate", "1.5M"][..],
+            &["qos", "set", "vm1", "--ingress-mode", "drop"],
+            &["qos", "set", "vm1", "--egress-unit", "bytes"],
+            &["qos", "set", "vm1", "--weight", "1k"],
+            &["qos", "set", "vm1", "--egress-queue", "10X"],
+            &["qos", "set", "--weight", "3"],
+            &["qos", "set", "vm1", "--ingress-rate"],
+        ] {
+            assert!(refused(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn qos_show_and_clear() {
+        assert_eq!(req(&["qos", "show"]), ("qos.show".into(), json!({})));
+        assert_eq!(
+            req(&["qos", "show", "vm1"]),
+            ("qos.show".into(), json!({ "name": "vm1" }))
+        );
+        assert_eq!(
+            req(&["qos", "clear", "vm1"]),
+            ("qos.clear".into(), json!({ "name": "vm1" }))
+        );
+        assert_eq!(
+            req(&["qos", "clear", "vm1", "ingress", "egress.peak"]),
+            (
+                "qos.clear".into(),
+                json!({ "name": "vm1", "fields": ["ingress", "egress.peak"] })
+            )
+        );
+        assert!(refused(&["qos", "clear"]));
+    }
+
+    #[test]
+    fn qos_tables_are_readable() {
+        let q = json!({
+            "ingress": { "rate": 100_000_000, "mode": "shape", "unit": "bits", "burst": 1 << 20 },
+            "egress": { "rate": 10_000, "mode": "police", "unit": "packets", "peak": 20_000, "peak_burst": 4 },
+            "egress_queue": 1 << 20,
+            "weight": 3,
+        });
+        assert_eq!(
+            qos_limit_lines(&q),
+            [
+                "LIMIT    MODE    RATE        BURST  PEAK       PEAK_BURST",
+                "ingress  shape   100 Mbit/s  1 MiB  -          -",
+                "egress   police  10 kpkt/s   -      20 kpkt/s  4 pkt",
+                "egress_queue  1 MiB",
+                "weight        3",
+            ]
+        );
+        let d = json!({ "read_iops": { "rate": 2000, "burst": 50 }, "bps": { "rate": 100 << 20 }, "io_size": 65536 });
+        assert_eq!(
+            qos_limit_lines(&d),
+            [
+                "LIMIT      RATE       BURST",
+                "read_iops  2 kop/s    50 op",
+                "bps        100 MiB/s  -",
+                "io_size       64 KiB",
+            ]
+        );
+        assert_eq!(qos_limit_lines(&json!({})), ["no limits"]);
+        let e = json!({
+            "name": "vm1", "kind": "port", "qos": { "weight": 2 },
+            "counters": {
+                "ingress_packets": 10, "ingress_bytes": 15000, "ingress_throttled_ns": 2_500_000,
+                "egress_packets": 3, "egress_bytes": 180, "egress_throttled_ns": 0,
+                "ingress_policed": 1, "egress_policed": 2, "egress_queue_full": 4,
+            },
+        });
+        assert_eq!(
+            qos_entry_lines(&e),
+            [
+                "vm1 (port):",
+                "  no limits",
+                "  weight        2",
+                "  PASSED   PACKETS  BYTES  THROTTLED_MS  POLICED  QUEUE_FULL",
+                "  ingress  10       15000  2.500         1        -",
+                "  egress   3        180    0.000         2        4",
+            ]
+        );
+        let e = json!({
+            "name": "d0", "kind": "disk", "qos": {},
+            "counters": { "ops": { "read": 7 }, "bytes": { "read": 4096 }, "throttled_ns": 1_000_000 },
+        });
+        assert_eq!(
+            qos_entry_lines(&e),
+            [
+                "d0 (disk):",
+                "  no limits",
+                "  REQUEST  OPS  BYTES",
+                "  read     7    4096",
+                "  throttled_ms  1.000",
+            ]
         );
     }
 

@@ -10,7 +10,9 @@ use super::{ControlError, PROTOCOL_VERSION};
 use crate::config::ConfigError;
 use crate::daemon::{mac_string, Switch, SwitchError};
 use crate::disk::DiskSpec;
-use crate::port::{PortChanges, PortError, PortMode, PortSpec, PortTable};
+use crate::port::{Port, PortChanges, PortError, PortMode, PortSpec, PortTable};
+use crate::qos::{QosError, QosSpec};
+use crate::stats::DropReason;
 
 /// Every command, for `switch.info`. `events.subscribe` is served by the
 /// connection itself (it turns the connection into an event stream).
@@ -28,6 +30,9 @@ pub const COMMANDS: &[&str] = &[
     "disk.show",
     "disk.stats",
     "disk.resize",
+    "qos.set",
+    "qos.show",
+    "qos.clear",
     "fdb.show",
     "fdb.flush",
     "fdb.add",
@@ -51,6 +56,7 @@ pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlErr
         "disk.list" => return disk_list(sw, parse(args)?),
         "disk.show" => return disk_show(sw, parse(args)?),
         "disk.stats" => return disk_stats(sw, parse(args)?),
+        "qos.show" => return qos_show(sw, parse(args)?),
         "fdb.show" => return fdb_show(sw, parse(args)?),
         "fdb.flush" => return fdb_flush(sw, parse(args)?),
         "worker.list" => return worker_list(sw, parse(args)?),
@@ -62,6 +68,8 @@ pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlErr
         "disk.add" => disk_add(sw, parse(args)?),
         "disk.del" => disk_del(sw, parse(args)?),
         "disk.resize" => disk_resize(sw, parse(args)?),
+        "qos.set" => qos_set(sw, parse(args)?),
+        "qos.clear" => qos_clear(sw, parse(args)?),
         "fdb.add" => fdb_add(sw, parse(args)?),
         "fdb.del" => fdb_del(sw, parse(args)?),
         "worker.move" => worker_move(sw, parse(args)?),
@@ -196,7 +204,15 @@ fn switch_info(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
         "run_dir": sw.run_dir(),
         "workers": sw.dataplane().worker_count(),
         "ports": sw.ports().iter().count(),
-        "features": ["net", "blk", "client-mode", "persistence", "events", "access-control"],
+        "features": [
+            "net",
+            "blk",
+            "client-mode",
+            "persistence",
+            "events",
+            "access-control",
+            "qos"
+        ],
         "commands": super::commands::COMMANDS,
     }))
 }
@@ -418,6 +434,216 @@ struct DiskResizeArgs {
 fn disk_resize(sw: &Switch, a: DiskResizeArgs) -> Result<Value, ControlError> {
     let size = sw.ports().resize_disk(&a.name, a.size, a.shrink)?;
     Ok(json!({ "size": size }))
+}
+
+/// QoS fields of net ports only, of disks only; `weight` is both's.
+const QOS_NET_FIELDS: [&str; 3] = ["ingress", "egress", "egress_queue"];
+const QOS_DISK_FIELDS: [&str; 7] = [
+    "read_iops",
+    "write_iops",
+    "iops",
+    "read_bps",
+    "write_bps",
+    "bps",
+    "io_size",
+];
+/// Parts of a net limit and of a disk rate that `qos.clear` may clear
+/// alone (`rate` goes with the limit).
+const QOS_NET_LIMIT_PARTS: [&str; 5] = ["mode", "unit", "burst", "peak", "peak_burst"];
+const QOS_RATE_PARTS: [&str; 1] = ["burst"];
+
+fn invalid(msg: impl Into<String>) -> ControlError {
+    ControlError::new("invalid_argument", msg)
+}
+
+/// A QoS spec from its JSON form, refused (`invalid_argument`) with what to
+/// fix if a limit has no rate or a field is unknown or mistyped.
+fn qos_from_json(v: Value) -> Result<QosSpec, ControlError> {
+    if let Some((k, _)) = v
+        .as_object()
+        .into_iter()
+        .flatten()
+        .find(|(_, l)| l.as_object().is_some_and(|l| !l.contains_key("rate")))
+    {
+        return Err(invalid(format!(
+            "{k}: give its rate (there is no {k} limit to change)"
+        )));
+    }
+    serde_json::from_value(v.clone()).map_err(|e| {
+        // Name the field at fault: the first that is refused alone.
+        let culprit = v.as_object().into_iter().flatten().find_map(|(k, f)| {
+            serde_json::from_value::<QosSpec>(json!({ k: f }))
+                .err()
+                .map(|e| format!("{k}: {e}"))
+        });
+        invalid(format!(
+            "bad QoS setting: {}",
+            culprit.unwrap_or(e.to_string())
+        ))
+    })
+}
+
+/// Apply a JSON merge patch (RFC 7396): objects merge field by field, null
+/// removes a field, anything else replaces.
+fn merge_patch(target: &mut Value, patch: Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch;
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in patch {
+            if v.is_null() {
+                t.remove(&k);
+            } else {
+                merge_patch(t.entry(k).or_insert(Value::Null), v);
+            }
+        }
+    }
+}
+
+/// Validate `qos` for port `name` and apply it.
+fn apply_qos(ports: &mut PortTable, name: &str, qos: QosSpec) -> Result<Value, ControlError> {
+    let disk = ports.get(name)?.disk().is_some();
+    qos.validate(disk).map_err(PortError::from)?;
+    Ok(json!(ports.set_qos(name, qos)?))
+}
+
+#[derive(Deserialize)]
+struct QosSetArgs {
+    name: String,
+    /// The QoS fields, merged into the current ones.
+    #[serde(flatten)]
+    patch: serde_json::Map<String, Value>,
+}
+
+fn qos_set(sw: &Switch, a: QosSetArgs) -> Result<Value, ControlError> {
+    let mut ports = sw.ports();
+    let mut v = json!(ports.get(&a.name)?.spec.qos);
+    merge_patch(&mut v, Value::Object(a.patch));
+    let qos = qos_from_json(v)?;
+    apply_qos(&mut ports, &a.name, qos)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QosClearArgs {
+    name: String,
+    /// Fields to clear (`ingress`, `ingress.peak`, ...); absent: all.
+    #[serde(default)]
+    fields: Option<Vec<String>>,
+}
+
+/// Check a field name `qos.clear` was given for a port of that kind (`disk`).
+fn qos_clear_field(field: &str, disk: bool) -> Result<(&str, Option<&str>), ControlError> {
+    let (top, part) = match field.split_once('.') {
+        Some((t, p)) => (t, Some(p)),
+        None => (field, None),
+    };
+    let net = QOS_NET_FIELDS.iter().find(|f| **f == top);
+    let dsk = QOS_DISK_FIELDS.iter().find(|f| **f == top);
+    if net.is_none() && dsk.is_none() && top != "weight" {
+        return Err(invalid(format!(
+            "unknown QoS field {field:?}: the fields are {}, {} and weight",
+            QOS_NET_FIELDS.join(", "),
+            QOS_DISK_FIELDS.join(", ")
+        )));
+    }
+    match (net, dsk) {
+        (Some(f), _) if disk => return Err(PortError::from(QosError::NetOnly(f)).into()),
+        (_, Some(f)) if !disk => return Err(PortError::from(QosError::DiskOnly(f)).into()),
+        _ => {}
+    }
+    let Some(part) = part else {
+        return Ok((top, None));
+    };
+    let parts: &[&str] = match top {
+        "ingress" | "egress" => &QOS_NET_LIMIT_PARTS,
+        "egress_queue" | "io_size" | "weight" => &[],
+        _ => &QOS_RATE_PARTS,
+    };
+    if parts.contains(&part) {
+        return Ok((top, Some(part)));
+    }
+    Err(invalid(if part == "rate" {
+        format!("{field}: a limit's rate cannot be cleared alone; clear {top} to lift the limit")
+    } else if parts.is_empty() {
+        format!("{top} has no parts: clear {top}")
+    } else {
+        format!(
+            "unknown QoS field {field:?}: {top} has {}",
+            parts.join(", ")
+        )
+    }))
+}
+
+fn qos_clear(sw: &Switch, a: QosClearArgs) -> Result<Value, ControlError> {
+    let mut ports = sw.ports();
+    let p = ports.get(&a.name)?;
+    let Some(fields) = a.fields else {
+        return apply_qos(&mut ports, &a.name, QosSpec::default());
+    };
+    let disk = p.disk().is_some();
+    let mut v = json!(p.spec.qos);
+    for f in &fields {
+        let (top, part) = qos_clear_field(f, disk)?;
+        if let Value::Object(m) = &mut v {
+            match part {
+                None => {
+                    m.remove(top);
+                }
+                Some(part) => {
+                    if let Some(Value::Object(l)) = m.get_mut(top) {
+                        l.remove(part);
+                    }
+                }
+            }
+        }
+    }
+    let qos = qos_from_json(v)?;
+    apply_qos(&mut ports, &a.name, qos)
+}
+
+/// The drops a port's QoS causes.
+const QOS_DROPS: [DropReason; 3] = [
+    DropReason::IngressPoliced,
+    DropReason::EgressPoliced,
+    DropReason::EgressQueueFull,
+];
+
+/// A port's or disk's QoS with its counters (`qos.show`).
+fn qos_entry(p: &Port) -> Value {
+    let (kind, counters) = match p.disk() {
+        Some(d) => {
+            let s = d.disk.stats.snapshot();
+            (
+                "disk",
+                json!({ "ops": s.ops, "bytes": s.bytes, "throttled_ns": s.throttled_ns }),
+            )
+        }
+        None => {
+            let mut c = json!(p.stats.snapshot().qos);
+            for r in QOS_DROPS {
+                c[r.name()] = json!(p.stats.drops(r));
+            }
+            ("port", c)
+        }
+    };
+    json!({ "name": p.spec.name, "kind": kind, "qos": p.spec.qos, "counters": counters })
+}
+
+fn qos_show(sw: &Switch, a: OptNameArg) -> Result<Value, ControlError> {
+    let ports = sw.ports();
+    match a.name {
+        Some(n) => Ok(qos_entry(ports.get(&n)?)),
+        None => Ok(json!(ports
+            .iter()
+            .filter(|p| !p.spec.qos.is_empty())
+            .map(qos_entry)
+            .collect::<Vec<_>>())),
+    }
 }
 
 #[derive(Deserialize)]
