@@ -344,9 +344,29 @@ impl DiskPort {
                 qos: self.qos.as_deref_mut(),
                 now,
             };
-            match serve_queue(dq, &mut ctx, pending.min(batch), engine, scratch) {
-                Ok(n) => taken += n,
-                Err(f) => self.mark_broken(&format!("queue {q}: {f}")),
+            // A weighted disk takes its whole budget in this visit, batch
+            // after batch (as a net port does): a batch alone would cap
+            // every weight at the same number of requests.
+            let weighted = ctx.qos.as_deref().is_some_and(|q| q.budget.weighted());
+            let mut left = pending;
+            let res = loop {
+                match serve_queue(dq, &mut ctx, left.min(batch), engine, scratch) {
+                    Ok(n) => {
+                        taken += n;
+                        left = left.saturating_sub(n as u16);
+                        let more = weighted
+                            && n >= usize::from(batch)
+                            && left > 0
+                            && ctx.qos.as_deref().is_some_and(|q| q.budget.open());
+                        if !more {
+                            break Ok(());
+                        }
+                    }
+                    Err(f) => break Err(f),
+                }
+            };
+            if let Err(f) = res {
+                self.mark_broken(&format!("queue {q}: {f}"));
             }
             if let Some(dq) = self.queues[q].as_mut() {
                 // Requests answered at once go back in this pass.
