@@ -694,6 +694,16 @@ impl BlkGuest {
     /// Queue `req` on `queue` and kick the device if it asked for it.
     /// Returns the tag its completion will carry.
     pub fn submit(&mut self, queue: usize, req: &BlkRequest) -> Result<u64, GuestError> {
+        let tag = self.stage(queue, req)?;
+        self.queues[queue].q.notify();
+        Ok(tag)
+    }
+
+    /// Queue `req` on `queue` without publishing it: the device sees it
+    /// only after [`publish`](Self::publish) (or the next `submit`). Staging
+    /// a backlog on several devices and publishing them together makes
+    /// them all backlogged from the device's first look.
+    pub fn stage(&mut self, queue: usize, req: &BlkRequest) -> Result<u64, GuestError> {
         let max = self.cfg.segment_size;
         let bq = self
             .queues
@@ -754,8 +764,30 @@ impl BlkGuest {
             status_desc,
         });
         q.push_avail(ids[0]);
-        q.notify();
         Ok(tag)
+    }
+
+    /// Publish the requests staged on `queue`, without kicking the device
+    /// ([`kick`](Self::kick) next).
+    pub fn publish(&mut self, queue: usize) {
+        if let Some(bq) = self.queues.get_mut(queue) {
+            bq.q.publish();
+        }
+    }
+
+    /// Kick queue `queue` unconditionally (no-op for a queue that does not
+    /// exist).
+    pub fn kick(&mut self, queue: usize) {
+        if let Some(bq) = self.queues.get_mut(queue) {
+            bq.q.kick_now();
+        }
+    }
+
+    /// The device's `used.idx` of `queue`: requests it has completed, mod
+    /// 2^16 (0 for a queue that does not exist). One atomic load, so that
+    /// a test can sample several devices' progress at one instant.
+    pub fn used_idx(&self, queue: usize) -> u16 {
+        self.queues.get(queue).map_or(0, |bq| bq.q.used_idx())
     }
 
     /// Requests queued on `queue` and not yet completed (0 for a queue that

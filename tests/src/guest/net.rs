@@ -380,6 +380,26 @@ impl NetGuest {
         n
     }
 
+    /// Queue as many of `frames` as fit on the TX queue without publishing
+    /// them: the device sees them only after [`publish_tx`](Self::publish_tx)
+    /// (or the next send). Staging a backlog on several guests and
+    /// publishing them together makes them all backlogged from the
+    /// device's first look. Returns how many were queued.
+    pub fn stage_tx(&mut self, frames: &[&[u8]]) -> usize {
+        let q = &mut self.tx[self.tx_pair];
+        q.reclaim();
+        frames
+            .iter()
+            .take_while(|f| enqueue_tx(q, f).is_ok())
+            .count()
+    }
+
+    /// Publish the frames staged with [`stage_tx`](Self::stage_tx), without
+    /// kicking; [`kick`](Self::kick) the TX queue (`2 * pair + 1`) next.
+    pub fn publish_tx(&mut self) {
+        self.tx[self.tx_pair].publish();
+    }
+
     /// Send one frame split over one descriptor per segment. The header is
     /// prepended to the first segment, so an empty first segment makes a
     /// header-only first descriptor: `send_chain(&[&[], frame])`.
