@@ -318,7 +318,7 @@ impl DiskPort {
     ) -> usize {
         let mut taken = 0;
         if let Some(q) = self.qos.as_deref_mut() {
-            q.budget.start_visit();
+            q.budget.start_visit(batch);
         }
         for q in 0..MAX_DISK_QUEUES {
             let Some(dq) = self.queues[q].as_mut() else {
@@ -353,13 +353,18 @@ impl DiskPort {
                 match serve_queue(dq, &mut ctx, left.min(batch), engine, scratch) {
                     Ok(n) => {
                         taken += n;
-                        left = left.saturating_sub(n as u16);
+                        // Until the ring is empty (as the guest's index says
+                        // now, not as it was cached) or the budget spent.
                         let more = weighted
-                            && n >= usize::from(batch)
-                            && left > 0
+                            && n > 0
                             && ctx.qos.as_deref().is_some_and(|q| q.budget.open());
                         if !more {
                             break Ok(());
+                        }
+                        match dq.ring.avail_pending() {
+                            Ok(0) => break Ok(()),
+                            Ok(p) => left = p,
+                            Err(f) => break Err(f),
                         }
                     }
                     Err(f) => break Err(f),
@@ -429,6 +434,11 @@ fn serve_queue(
         let seq = dq.ring.next_avail();
         let head = dq.ring.pop_head()?;
         taken += 1;
+        if let Some(q) = ctx.qos.as_deref_mut() {
+            // Malformed requests cost their visit too (a guest flooding
+            // its ring with them cannot outstay its weight).
+            q.budget.charge_min();
+        }
         let slot_idx = usize::from(seq & dq.mask());
         let slot = &mut dq.slots[slot_idx];
         slot.head = head;

@@ -21,6 +21,8 @@ pub(super) const MAX_RX_CHAINS: usize = 32;
 /// Position value of a port this worker does not own.
 pub(super) const NOT_LOCAL: u16 = u16::MAX;
 const ETH_HLEN: u32 = 14;
+/// Least a frame costs against a weighted port's budget.
+const MIN_CHARGE: u32 = 64;
 
 /// A port as its worker holds it.
 pub(super) struct NetPort {
@@ -688,15 +690,18 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             hdr_len + MAX_FRAME_LEN as u32,
             chain,
         );
-        if let (Some(q), Ok(())) = (qos.as_deref_mut(), walked) {
-            let len = chain.total.saturating_sub(hdr_len);
-            if !q.shape_ingress(len, ctx.now_ns, &port.stats) {
-                // Lossless: the frame stays in the guest's ring until the
-                // bucket has refilled.
-                ring.unpop();
-                break;
+        if let Some(q) = qos.as_deref_mut() {
+            if walked.is_ok() {
+                let len = chain.total.saturating_sub(hdr_len);
+                if !q.shape_ingress(len, ctx.now_ns, &port.stats) {
+                    // Lossless: the frame stays in the guest's ring until
+                    // the bucket has refilled.
+                    ring.unpop();
+                    break;
+                }
             }
-            q.budget.charge(i64::from(chain.total));
+            // Malformed chains cost their visit too.
+            q.budget.charge_item(i64::from(chain.total.max(MIN_CHARGE)));
         }
         ctx.scratch.tx_walked[got] = walked;
         if chain.nsegs > 0 {

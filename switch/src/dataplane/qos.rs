@@ -46,33 +46,43 @@ impl Throttle {
     }
 }
 
-/// Deficit round robin budget of one port or disk.
+/// Deficit round robin budget of one port or disk: per visit, `weight ×`
+/// a byte quantum and `weight ×` a number of items (frames or requests),
+/// whichever runs out first. Bytes make the shares fair for large frames
+/// and requests, items keep a visit of small frames as short as an
+/// unweighted port's batches (times the weight).
 #[derive(Debug, Default)]
 pub(super) struct Budget {
     quantum: Option<i64>,
+    weight: i64,
     deficit: i64,
+    items: i64,
 }
 
 impl Budget {
     fn new(weight: Option<u32>, unit: i64) -> Self {
         Budget {
             quantum: weight.map(|w| i64::from(w) * unit),
+            weight: i64::from(weight.unwrap_or(1)),
             deficit: 0,
+            items: 0,
         }
     }
 
-    /// A visit starts: add the quantum (keeping a debt, never a surplus).
+    /// A visit starts: add the quantum (keeping a debt, never a surplus)
+    /// and allow `weight × batch` items.
     #[inline]
-    pub fn start_visit(&mut self) {
+    pub fn start_visit(&mut self, batch: u16) {
         if let Some(q) = self.quantum {
             self.deficit = self.deficit.min(0) + q;
+            self.items = self.weight * i64::from(batch);
         }
     }
 
     /// Whether the visit may take more.
     #[inline]
     pub fn open(&self) -> bool {
-        self.quantum.is_none() || self.deficit > 0
+        self.quantum.is_none() || (self.deficit > 0 && self.items > 0)
     }
 
     /// Whether a weight sets the budget.
@@ -81,11 +91,27 @@ impl Budget {
         self.quantum.is_some()
     }
 
+    /// Charge one item of `bytes`.
+    #[inline]
+    pub fn charge_item(&mut self, bytes: i64) {
+        if self.quantum.is_some() {
+            self.deficit -= bytes;
+            self.items -= 1;
+        }
+    }
+
+    /// Charge more bytes to the current item.
     #[inline]
     pub fn charge(&mut self, bytes: i64) {
         if self.quantum.is_some() {
             self.deficit -= bytes;
         }
+    }
+
+    /// Charge one item at the least a disk request costs.
+    #[inline]
+    pub fn charge_min(&mut self) {
+        self.charge_item(DISK_MIN_COST);
     }
 }
 
@@ -187,10 +213,10 @@ impl NetQos {
         match self.ingress.as_mut() {
             Some(m) if m.mode() == LimitMode::Shape => {
                 if m.take(len, now) {
-                    stats.add_qos(
-                        QosCounter::IngressThrottledNs,
-                        self.ingress_throttle.release(now),
-                    );
+                    if self.ingress_throttle.holding() {
+                        let held = self.ingress_throttle.release(now);
+                        stats.add_qos(QosCounter::IngressThrottledNs, held);
+                    }
                     true
                 } else {
                     self.ingress_throttle.hold(now);
@@ -242,10 +268,10 @@ impl NetQos {
         if pass {
             stats.add_qos(QosCounter::EgressPackets, 1);
             stats.add_qos(QosCounter::EgressBytes, u64::from(len));
-            stats.add_qos(
-                QosCounter::EgressThrottledNs,
-                self.egress_throttle.release(now),
-            );
+            if self.egress_throttle.holding() {
+                let held = self.egress_throttle.release(now);
+                stats.add_qos(QosCounter::EgressThrottledNs, held);
+            }
         } else {
             self.egress_throttle.hold(now);
         }
@@ -355,7 +381,8 @@ impl DiskQos {
             }
         }
         stats.add_throttled(self.throttle.release(now));
-        self.budget.charge((bytes as i64).max(DISK_MIN_COST));
+        // The minimum was charged when the request was taken.
+        self.budget.charge((bytes as i64 - DISK_MIN_COST).max(0));
         true
     }
 
@@ -430,17 +457,23 @@ mod tests {
     #[test]
     fn budgets_follow_weights_and_keep_debts() {
         let mut b = Budget::new(Some(2), NET_QUANTUM);
-        b.start_visit();
+        b.start_visit(32);
         assert!(b.open());
-        b.charge(2 * NET_QUANTUM + 100);
+        b.charge_item(2 * NET_QUANTUM + 100);
         assert!(!b.open());
-        b.start_visit();
+        b.start_visit(32);
         assert_eq!(b.deficit, 2 * NET_QUANTUM - 100, "the debt is kept");
-        b.charge(10);
-        b.start_visit();
+        b.charge_item(10);
+        b.start_visit(32);
         assert_eq!(b.deficit, 2 * NET_QUANTUM, "a surplus is not");
+        // Small items: the visit ends after weight x batch of them.
+        for _ in 0..64 {
+            assert!(b.open());
+            b.charge_item(64);
+        }
+        assert!(!b.open());
         let mut none = Budget::new(None, NET_QUANTUM);
-        none.charge(1 << 40);
+        none.charge_item(1 << 40);
         assert!(none.open());
     }
 

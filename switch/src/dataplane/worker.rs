@@ -230,7 +230,7 @@ impl Worker {
             }
             let weighted = match self.ports[pos].qos.as_deref_mut() {
                 Some(q) => {
-                    q.budget.start_visit();
+                    q.budget.start_visit(ctx.batch);
                     q.budget.weighted()
                 }
                 None => false,
@@ -242,15 +242,23 @@ impl Worker {
                 loop {
                     let n = net::process_tx(&mut self.ports, pos, q, &mut ctx);
                     work += n;
-                    // A weighted port takes its whole budget in this visit.
+                    // A weighted port takes its whole budget in this visit,
+                    // until its ring is empty (as the guest's index says
+                    // then: a batch shorter than `batch` may only mean the
+                    // cached index ran out).
                     let more = weighted
-                        && n >= usize::from(ctx.batch)
+                        && n > 0
                         && self.ports[pos]
                             .qos
                             .as_deref()
                             .is_some_and(|q| q.budget.open());
                     if !more {
                         break;
+                    }
+                    // Long visits: let the receivers see what they got
+                    // batch by batch, so they can refill their rings.
+                    for d in ctx.dirty.drain(..) {
+                        self.ports[usize::from(d)].publish_rx();
                     }
                 }
             }

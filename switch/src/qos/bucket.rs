@@ -55,15 +55,22 @@ impl Clock for ManualClock {
 }
 
 /// A token bucket.
+///
+/// The level is `tokens × 10⁹ + frac` token-nanoseconds: whole tokens in an
+/// `i64`, so that taking and checking (per frame) is plain integer work,
+/// and the fraction (`0 ≤ frac < 10⁹`) kept exactly across refills, which
+/// happen at most once per distinct `now`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     /// Tokens per second.
     rate: u64,
     /// Most tokens held.
     burst: u64,
-    /// Tokens × 10⁹; negative after a charge larger than what was held.
-    level: i128,
-    /// When `level` was last brought up to date.
+    /// Whole tokens; negative after a charge larger than what was held.
+    tokens: i64,
+    /// Token-nanoseconds short of the next whole token.
+    frac: i128,
+    /// When the level was last brought up to date.
     last: u64,
 }
 
@@ -73,9 +80,14 @@ impl TokenBucket {
         TokenBucket {
             rate,
             burst,
-            level: i128::from(burst) * NS,
+            tokens: Self::clamp(burst),
+            frac: 0,
             last: now,
         }
+    }
+
+    fn clamp(n: u64) -> i64 {
+        i64::try_from(n).unwrap_or(i64::MAX)
     }
 
     pub fn rate(&self) -> u64 {
@@ -91,14 +103,32 @@ impl TokenBucket {
         self.refill(now);
         self.rate = rate;
         self.burst = burst;
-        self.level = self.level.min(i128::from(burst) * NS);
+        self.cap();
+    }
+
+    #[inline]
+    fn full(&self) -> bool {
+        self.tokens >= Self::clamp(self.burst)
+    }
+
+    #[inline]
+    fn cap(&mut self) {
+        if self.full() {
+            self.tokens = Self::clamp(self.burst);
+            self.frac = 0;
+        }
     }
 
     #[inline]
     fn refill(&mut self, now: u64) {
         if now > self.last {
-            let dt = i128::from(now - self.last);
-            self.level = (self.level + i128::from(self.rate) * dt).min(i128::from(self.burst) * NS);
+            if !self.full() {
+                let acc = self.frac + i128::from(self.rate) * i128::from(now - self.last);
+                let whole = i64::try_from(acc / NS).unwrap_or(i64::MAX);
+                self.frac = acc % NS;
+                self.tokens = self.tokens.saturating_add(whole);
+                self.cap();
+            }
             self.last = now;
         }
     }
@@ -106,7 +136,7 @@ impl TokenBucket {
     /// Whole tokens held now (0 when in debt).
     pub fn tokens(&mut self, now: u64) -> u64 {
         self.refill(now);
-        (self.level.max(0) / NS) as u64
+        self.tokens.max(0) as u64
     }
 
     /// Whether `n` tokens may be taken now: the bucket holds them, or it
@@ -115,15 +145,14 @@ impl TokenBucket {
     #[inline]
     pub fn allows(&mut self, n: u64, now: u64) -> bool {
         self.refill(now);
-        let need = i128::from(n) * NS;
-        self.level >= need || (n > self.burst && self.level == i128::from(self.burst) * NS)
+        self.tokens >= Self::clamp(n) || (n > self.burst && self.full())
     }
 
     /// Take `n` tokens if [`allows`](Self::allows) says so.
     #[inline]
     pub fn take(&mut self, n: u64, now: u64) -> bool {
         if self.allows(n, now) {
-            self.level -= i128::from(n) * NS;
+            self.tokens = self.tokens.saturating_sub(Self::clamp(n));
             true
         } else {
             false
@@ -134,7 +163,7 @@ impl TokenBucket {
     #[inline]
     pub fn charge(&mut self, n: u64, now: u64) {
         self.refill(now);
-        self.level -= i128::from(n) * NS;
+        self.tokens = self.tokens.saturating_sub(Self::clamp(n));
     }
 
     /// Nanoseconds from `now` until `n` tokens are allowed (0: now;
@@ -147,9 +176,10 @@ impl TokenBucket {
             return u64::MAX;
         }
         // An oversized request waits for a full bucket.
-        let target = i128::from(n.min(self.burst)) * NS;
+        let target = i128::from(n.min(self.burst));
+        let missing = (target - i128::from(self.tokens)) * NS - self.frac;
         let rate = i128::from(self.rate);
-        u64::try_from((target - self.level + rate - 1) / rate).unwrap_or(u64::MAX)
+        u64::try_from((missing + rate - 1) / rate).unwrap_or(u64::MAX)
     }
 }
 
