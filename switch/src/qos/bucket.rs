@@ -159,6 +159,13 @@ impl TokenBucket {
         }
     }
 
+    /// Take `n` tokens right after [`allows`](Self::allows) said yes at the
+    /// same `now` (no refill to redo).
+    #[inline]
+    pub fn debit(&mut self, n: u64) {
+        self.tokens = self.tokens.saturating_sub(Self::clamp(n));
+    }
+
     /// Take `n` tokens whatever the level (it may go into debt).
     #[inline]
     pub fn charge(&mut self, n: u64, now: u64) {

@@ -72,10 +72,11 @@ impl Meter {
         if !self.allows(len, now) {
             return false;
         }
+        // `allows` brought both buckets up to `now`.
         let c = self.cost(len);
-        self.avg.charge(c, now);
+        self.avg.debit(c);
         if let Some(p) = self.peak.as_mut() {
-            p.charge(c, now);
+            p.debit(c);
         }
         true
     }
