@@ -257,9 +257,7 @@ impl Worker {
                     }
                     // Long visits: let the receivers see what they got
                     // batch by batch, so they can refill their rings.
-                    for d in ctx.dirty.drain(..) {
-                        self.ports[usize::from(d)].publish_rx();
-                    }
+                    publish_dirty(&mut self.ports, ctx.dirty);
                 }
             }
         }
@@ -370,9 +368,7 @@ impl Worker {
 
     /// Publish the RX used entries written and wake the workers sent frames.
     fn flush(&mut self, mut wake: u64) {
-        for pos in self.dirty.drain(..) {
-            self.ports[usize::from(pos)].publish_rx();
-        }
+        publish_dirty(&mut self.ports, &mut self.dirty);
         while wake != 0 {
             let w = wake.trailing_zeros() as usize;
             wake &= wake - 1;
@@ -1024,6 +1020,13 @@ impl Worker {
         }
         // Positions changed: nothing may stay queued for publishing.
         self.dirty.clear();
+    }
+}
+
+/// Publish the RX used entries of the ports in `dirty` (and forget them).
+fn publish_dirty(ports: &mut [NetPort], dirty: &mut Vec<u16>) {
+    for pos in dirty.drain(..) {
+        ports[usize::from(pos)].publish_rx();
     }
 }
 
