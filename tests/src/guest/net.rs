@@ -17,12 +17,12 @@ use vhost::vhost_user::message::{VhostUserHeaderFlag, VHOST_USER_MAX_VRINGS};
 use vhost::vhost_user::{
     Frontend, VhostUserFrontend, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::{VhostBackend, VringConfigData};
+use vhost::VhostBackend;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::memory::GuestMemory;
 use super::ring::{RawQueue, SplitQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use super::GuestError;
+use super::{connect_retry, open_frontend, setup_vring, GuestError};
 
 /// Length of `virtio_net_hdr_v1` (VIRTIO_F_VERSION_1 is always negotiated).
 pub const NET_HDR_LEN: usize = 12;
@@ -137,26 +137,7 @@ impl NetGuest {
     /// while the socket is missing or refuses) and bring the device up.
     pub fn connect(path: &Path, cfg: NetGuestConfig) -> Result<Self, GuestError> {
         cfg.validate()?;
-        let deadline = Instant::now() + CONNECT_DEADLINE;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-                    ) && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(source) => {
-                    return Err(GuestError::Connect {
-                        path: path.to_path_buf(),
-                        source,
-                    })
-                }
-            }
-        };
+        let stream = connect_retry(path, CONNECT_DEADLINE)?;
         Self::from_stream(stream, cfg)
     }
 
@@ -189,21 +170,8 @@ impl NetGuest {
     /// SET_VRING_ENABLE on every queue, with the RX rings already full.
     pub fn from_stream(stream: UnixStream, cfg: NetGuestConfig) -> Result<Self, GuestError> {
         cfg.validate()?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let pairs = cfg.queue_pairs as usize;
-        let mut fe = Frontend::from_stream(stream, VHOST_USER_MAX_VRINGS);
-
-        fe.set_owner()?;
-        let offered = fe.get_features()?;
-        for (bit, name) in [
-            (F_VERSION_1, "VIRTIO_F_VERSION_1"),
-            (F_PROTOCOL_FEATURES, "VHOST_USER_F_PROTOCOL_FEATURES"),
-        ] {
-            if offered & bit == 0 {
-                return Err(GuestError::Unsupported(name.into()));
-            }
-        }
+        let (mut fe, offered) = open_frontend(stream, REPLY_TIMEOUT)?;
         let mut want = F_VERSION_1 | F_PROTOCOL_FEATURES;
         if cfg.mrg_rxbuf {
             want |= F_MRG_RXBUF;
@@ -269,28 +237,7 @@ impl NetGuest {
         fe.set_mem_table(&mem.vhost_regions())?;
         for k in 0..2 * pairs {
             let q = if k % 2 == 0 { &rx[k / 2] } else { &tx[k / 2] };
-            let host = |gpa: u64, len: usize| {
-                mem.host_addr(gpa, len)
-                    .ok_or(GuestError::BadAddress { addr: gpa, len })
-            };
-            let size = q.size();
-            let l = q.layout;
-            fe.set_vring_num(k, size)?;
-            fe.set_vring_addr(
-                k,
-                &VringConfigData {
-                    queue_max_size: size,
-                    queue_size: size,
-                    flags: 0,
-                    desc_table_addr: host(l.desc, l.len)?,
-                    used_ring_addr: host(l.used, 1)?,
-                    avail_ring_addr: host(l.avail, 1)?,
-                    log_addr: None,
-                },
-            )?;
-            fe.set_vring_base(k, 0)?;
-            fe.set_vring_call(k, &q.call)?;
-            fe.set_vring_kick(k, &q.kick)?;
+            setup_vring(&mut fe, &mem, k, q)?;
         }
         for k in 0..2 * pairs {
             fe.set_vring_enable(k, true)?;
