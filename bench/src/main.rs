@@ -5,11 +5,13 @@
 mod dut;
 mod gen;
 mod hist;
+mod run_control;
 mod sysstat;
+
+pub use run_control::{install_signals, pin_current_thread, stopped, STOP};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -20,13 +22,6 @@ use dut::{DutCounters, PmdMode, SwitchDut, TestPmd};
 use gen::{Generator, Phase};
 use hist::Hist;
 use sysstat::{CpuSnap, Interference};
-
-/// Set by SIGINT/SIGTERM/SIGHUP: every loop stops, children are killed.
-pub static STOP: AtomicBool = AtomicBool::new(false);
-
-pub fn stopped() -> bool {
-    STOP.load(Ordering::Relaxed)
-}
 
 /// Throughput and latency of vioswitch vs DPDK testpmd, same generator.
 #[derive(Parser, Debug, Clone)]
@@ -139,32 +134,6 @@ impl CaseResult {
             self.window.rx_pps()
         }
     }
-}
-
-/// Pin the calling thread to `core`.
-pub fn pin_current_thread(core: usize) -> Result<(), String> {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(core).map_err(|e| format!("cpu {core}: {e}"))?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
-        .map_err(|e| format!("sched_setaffinity({core}): {e}"))
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signals() -> Result<(), String> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let sa = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(s, &sa) }.map_err(|e| format!("sigaction: {e}"))?;
-    }
-    Ok(())
 }
 
 fn default_vioswitch() -> PathBuf {

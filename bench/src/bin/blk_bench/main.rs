@@ -12,8 +12,12 @@
 
 #[path = "../../hist.rs"]
 mod hist;
+#[path = "../../run_control.rs"]
+mod run_control;
 #[path = "../../sysstat.rs"]
 mod sysstat;
+
+pub use run_control::{install_signals, pin_current_thread, stopped};
 
 mod client;
 mod report;
@@ -22,7 +26,6 @@ mod server;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -80,28 +83,6 @@ impl BenchError {
             source,
         }
     }
-}
-
-/// Set by SIGINT/SIGTERM/SIGHUP: the run stops, servers are killed.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Whether a termination signal arrived.
-pub fn stopped() -> bool {
-    STOP.load(Ordering::Relaxed)
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-/// Pin the calling thread to `core`.
-pub fn pin_current_thread(core: usize) -> Result<(), BenchError> {
-    let mut set = nix::sched::CpuSet::new();
-    let bad = |e: nix::Error| BenchError::Setup {
-        what: format!("pinning to cpu {core}: {e}"),
-    };
-    set.set(core).map_err(bad)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(bad)
 }
 
 /// virtio-blk throughput and latency: vioswitch vs qemu-storage-daemon,
@@ -419,19 +400,9 @@ fn select_jobs(args: &Args) -> Result<Vec<Job>, BenchError> {
 }
 
 fn run(args: &Args) -> Result<(), BenchError> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let sa = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(s, &sa) }.map_err(|e| BenchError::Setup {
-            what: format!("sigaction: {e}"),
-        })?;
-    }
-    pin_current_thread(args.client_core)?;
+    let setup = |what| BenchError::Setup { what };
+    install_signals().map_err(setup)?;
+    pin_current_thread(args.client_core).map_err(setup)?;
     let jobs = select_jobs(args)?;
     let size = args.size_mib << 20;
     let work = vioswitch_testkit::temp_dir("vioswitch-blkbench")

@@ -171,13 +171,13 @@ impl SwitchDisk {
         let mut extra_args = vec!["--idle-poll-us".to_string(), idle_poll_us.to_string()];
         extra_args.extend_from_slice(extra);
         // The child inherits the affinity of the thread that forks it.
-        pin_current_thread(core)?;
+        pin_current_thread(core).map_err(|what| BenchError::Setup { what })?;
         let spawned = SwitchProcess::spawn(SwitchOptions {
             workers: 1,
             extra_args: extra_args.clone(),
             binary: Some(binary.to_path_buf()),
         });
-        pin_current_thread(client_core)?;
+        pin_current_thread(client_core).map_err(|what| BenchError::Setup { what })?;
         let sw = spawned.map_err(|e| BenchError::Switch {
             msg: format!("{} did not start: {e}", binary.display()),
         })?;

@@ -30,8 +30,12 @@
 //! 5% of the machine's CPU is run again (`--retries`); the tables say how
 //! busy the machine was.
 
+#[path = "../../run_control.rs"]
+mod run_control;
 #[path = "../../sysstat.rs"]
 mod sysstat;
+
+pub use run_control::{install_signals, pin_current_thread, stopped};
 
 mod disk;
 mod metrics;
@@ -39,7 +43,6 @@ mod net;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
@@ -80,41 +83,6 @@ impl QosBenchError {
     }
 }
 
-/// Set by SIGINT/SIGTERM/SIGHUP: the run stops, switches are killed.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-/// Whether a termination signal arrived.
-pub fn stopped() -> bool {
-    STOP.load(Ordering::Relaxed)
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
-fn install_signals() -> Result<(), QosBenchError> {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let sa = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::empty(),
-        SigSet::empty(),
-    );
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic.
-        unsafe { sigaction(s, &sa) }
-            .map_err(|e| QosBenchError::Setup(format!("sigaction: {e}")))?;
-    }
-    Ok(())
-}
-
-/// Pin the calling thread to `core`.
-pub fn pin_current_thread(core: usize) -> Result<(), QosBenchError> {
-    let mut set = nix::sched::CpuSet::new();
-    let bad = |e: nix::Error| QosBenchError::Setup(format!("pinning to cpu {core}: {e}"));
-    set.set(core).map_err(bad)?;
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(bad)
-}
-
 /// A vioswitch with one worker, killed and its run directory removed when
 /// dropped.
 pub struct Daemon(pub SwitchProcess);
@@ -123,13 +91,13 @@ impl Daemon {
     /// Start `binary` pinned to `core`; this thread goes back to `home`.
     pub fn start(binary: &Path, core: usize, home: usize) -> Result<Daemon, QosBenchError> {
         // The child inherits the affinity of the thread that forks it.
-        pin_current_thread(core)?;
+        pin_current_thread(core).map_err(QosBenchError::Setup)?;
         let spawned = SwitchProcess::spawn(SwitchOptions {
             workers: 1,
             extra_args: Vec::new(),
             binary: Some(binary.to_path_buf()),
         });
-        pin_current_thread(home)?;
+        pin_current_thread(home).map_err(QosBenchError::Setup)?;
         spawned
             .map(Daemon)
             .map_err(|e| QosBenchError::switch("start", e))
@@ -880,8 +848,8 @@ fn run(args: Args) -> Result<(), QosBenchError> {
             "--duration and --depth must be above 0, --flows at least 2".into(),
         ));
     }
-    install_signals()?;
-    pin_current_thread(args.gen_core)?;
+    install_signals().map_err(QosBenchError::Setup)?;
+    pin_current_thread(args.gen_core).map_err(QosBenchError::Setup)?;
     let t0 = Instant::now();
     let mut bench = Bench {
         binary: args.vioswitch.clone().unwrap_or_else(default_vioswitch),
