@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod disk;
 pub mod events;
 pub mod fdb;
+pub mod identity;
 pub mod io_engine;
 pub mod mem;
 pub mod mem_fault;

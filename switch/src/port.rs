@@ -202,6 +202,7 @@ impl PortSpec {
             vlan: self.vlan,
             mtu: self.mtu.unwrap_or(0),
             qos: self.qos,
+            policy: None,
         }
     }
 
@@ -544,7 +545,7 @@ impl Session {
             log::warn!("port {}: {e}", self.name);
             return true;
         }
-        let settings = self.settings.lock().map(|s| *s).unwrap_or_default();
+        let settings = self.settings.lock().map(|s| s.clone()).unwrap_or_default();
         let worker = self.worker.load(Ordering::Relaxed);
         let attached = match &self.device {
             SessionDevice::Net { .. } => {
@@ -998,7 +999,7 @@ impl PortTable {
         let settings = {
             let mut s = port.settings.lock().unwrap_or_else(|p| p.into_inner());
             s.qos = qos;
-            *s
+            s.clone()
         };
         match self.dp.set_settings(port.idx, settings) {
             Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
@@ -1089,15 +1090,19 @@ impl PortTable {
         spec.validate()?;
         let restart = spec.mode != port.spec.mode || spec.socket != port.spec.socket;
         let vlan_changed = spec.vlan != port.spec.vlan;
-        let settings = spec.settings();
         let idx = port.idx;
         let Some(port) = self.ports.get_mut(name) else {
             return Err(PortError::NotFound(name.to_string()));
         };
         // What can fail comes first, and a failure puts everything back.
-        let old_settings = port.settings.lock().map(|s| *s).unwrap_or_default();
+        let old_settings = port.settings.lock().map(|s| s.clone()).unwrap_or_default();
+        // The identities the port carries stay.
+        let settings = PortSettings {
+            policy: old_settings.policy.clone(),
+            ..spec.settings()
+        };
         if let Ok(mut s) = port.settings.lock() {
-            *s = settings;
+            *s = settings.clone();
         }
         if restart {
             // The new endpoint first: if it cannot be had, the guest stays

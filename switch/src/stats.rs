@@ -37,11 +37,24 @@ pub enum DropReason {
     EgressPoliced,
     /// The port's egress shaping queue was full.
     EgressQueueFull,
+    /// Port security: a source MAC that is not the port's identity's.
+    SpoofedMac,
+    /// Port security: an ARP sender (MAC or IPv4) not the port's.
+    SpoofedArp,
+    /// Port security: an IPv4 source address not the port's.
+    SpoofedIpv4,
+    /// Port security: an IPv6 source address not the port's.
+    SpoofedIpv6,
+    /// Port security: a neighbour discovery target or link-layer address
+    /// option not the port's.
+    SpoofedNd,
+    /// Switched to a port before its identity moved away; not delivered.
+    IdentityMoved,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::BadTxDescriptor,
         DropReason::ShortFrame,
         DropReason::OversizedFrame,
@@ -54,6 +67,12 @@ impl DropReason {
         DropReason::IngressPoliced,
         DropReason::EgressPoliced,
         DropReason::EgressQueueFull,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedArp,
+        DropReason::SpoofedIpv4,
+        DropReason::SpoofedIpv6,
+        DropReason::SpoofedNd,
+        DropReason::IdentityMoved,
     ];
 
     /// The name used in statistics output.
@@ -71,6 +90,12 @@ impl DropReason {
             DropReason::IngressPoliced => "ingress_policed",
             DropReason::EgressPoliced => "egress_policed",
             DropReason::EgressQueueFull => "egress_queue_full",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedArp => "spoofed_arp",
+            DropReason::SpoofedIpv4 => "spoofed_ipv4",
+            DropReason::SpoofedIpv6 => "spoofed_ipv6",
+            DropReason::SpoofedNd => "spoofed_nd",
+            DropReason::IdentityMoved => "identity_moved",
         }
     }
 }
@@ -93,6 +118,10 @@ pub struct PortStats {
     drops: [AtomicU64; DropReason::ALL.len()],
     qos: [AtomicU64; QosCounter::ALL.len()],
     broken: AtomicBool,
+    /// Switch clock (ms, plus one) when frames for the guest last found
+    /// its RX ring without buffers after a delivery succeeded; 0 while it
+    /// drains.
+    rx_stalled_since: AtomicU64,
 }
 
 /// What a port's QoS counts (besides its drops).
@@ -183,6 +212,31 @@ impl PortStats {
     /// Whether a guest fault stopped the port.
     pub fn is_broken(&self) -> bool {
         self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Note that a frame for the guest found no RX buffer at `now_ms`
+    /// (the switch clock): the start of a stall unless one is running.
+    #[inline]
+    pub fn rx_stalled(&self, now_ms: u64) {
+        if self.rx_stalled_since.load(Ordering::Relaxed) == 0 {
+            self.rx_stalled_since
+                .store(now_ms.saturating_add(1), Ordering::Relaxed);
+        }
+    }
+
+    /// Note that the guest's RX ring took a frame: no stall.
+    #[inline]
+    pub fn rx_drained(&self) {
+        self.rx_stalled_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Since when (switch clock, ms) frames for the guest have found no RX
+    /// buffer, with none delivered since; `None` while the guest drains.
+    pub fn rx_stalled_since(&self) -> Option<u64> {
+        match self.rx_stalled_since.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
+        }
     }
 
     /// Drops for one reason.

@@ -130,7 +130,7 @@ enum Moving {
 }
 
 /// Per-port settings the dataplane applies.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PortSettings {
     /// Broadcast domain: frames stay among ports of the same VLAN (0 = none).
     pub vlan: u16,
@@ -138,6 +138,9 @@ pub struct PortSettings {
     pub mtu: u16,
     /// Limits and share of the port (or disk).
     pub qos: crate::qos::QosSpec,
+    /// Identities the port carries: source checks and translation (net
+    /// ports only; `None`: a plain port).
+    pub policy: Option<Arc<crate::identity::policy::PortPolicy>>,
 }
 
 impl PortSettings {
@@ -390,6 +393,39 @@ impl Dataplane {
     /// A worker's counters.
     pub fn worker_stats(&self, worker: usize) -> Option<&WorkerStats> {
         self.workers.get(worker).map(|w| &*w.stats)
+    }
+
+    /// Flood `frames` (whole Ethernet frames, e.g. announcements of an
+    /// identity that moved to `src`) to every port of `vlan` but `src`, as
+    /// if `src`'s guest had sent them. Returns how many frames were queued
+    /// to all workers; a full mailbox drops the rest (counted nowhere: an
+    /// announcement is best effort, like the guest's own).
+    pub fn announce(&self, src: PortIdx, vlan: u16, frames: &[Vec<u8>]) -> usize {
+        let mut queued = 0;
+        for mb in &self.shared.mailboxes {
+            for f in frames.iter().filter(|f| f.len() <= MAX_FRAME_LEN) {
+                let Some(mut buf) = mb.pool.pop() else {
+                    break;
+                };
+                buf[..f.len()].copy_from_slice(f);
+                let frame = Frame {
+                    buf,
+                    len: f.len() as u32,
+                    src,
+                    dst: FLOOD,
+                    vlan,
+                };
+                match mb.frames.push(frame) {
+                    Ok(()) => queued += 1,
+                    Err(f) => {
+                        let _ = mb.pool.push(f.buf);
+                        break;
+                    }
+                }
+            }
+            mb.wake();
+        }
+        queued
     }
 
     /// The worker serving a port.

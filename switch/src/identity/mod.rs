@@ -1,0 +1,9 @@
+//! Network identities: a MAC and a set of IP addresses (optionally in a
+//! VLAN) that the switch binds to a port, enforces on it (port security),
+//! translates for a guest whose own addresses differ (identity mapping), and
+//! moves to another port, by command or by itself when a guest fails.
+//!
+//! - [`policy`]: what the dataplane enforces on one port, computed from the
+//!   identities bound to it and the port's own options.
+
+pub mod policy;
