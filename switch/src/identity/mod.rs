@@ -4,6 +4,13 @@
 //! moves to another port, by command or by itself when a guest fails.
 //!
 //! - [`policy`]: what the dataplane enforces on one port, computed from the
-//!   identities bound to it and the port's own options.
+//!   identities bound to it and the port's own options;
+//! - [`frame`]: the per-frame work on a frame's headers: source checks and
+//!   the rewrites of identity mapping, with their checksum fix-ups;
+//! - [`announce`]: the frames that announce an identity where it now lives;
+//! - [`registry`]: identities, their bindings, moves and failover.
 
+pub mod announce;
+pub mod frame;
 pub mod policy;
+pub mod registry;
