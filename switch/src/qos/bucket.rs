@@ -139,6 +139,13 @@ impl TokenBucket {
         self.tokens.max(0) as u64
     }
 
+    /// Whole tokens held when the level was last brought up to date
+    /// (negative in debt): what may be taken at that instant.
+    #[inline]
+    pub fn held(&self) -> i64 {
+        self.tokens
+    }
+
     /// Whether `n` tokens may be taken now: the bucket holds them, or it
     /// is full and `n` is more than it can ever hold (such a request goes
     /// through at full bucket and leaves a debt, rather than never).
