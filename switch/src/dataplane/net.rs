@@ -13,7 +13,7 @@ use super::{
 use crate::cpu::prefetch;
 use crate::fdb::PortIdx;
 use crate::mem::GuestMemory;
-use crate::stats::{DropReason, PortStats};
+use crate::stats::{DropReason, PortStats, QosCounter};
 use crate::vring::{Chain, ChainError, Direction, RingFault, Seg, Vring};
 
 /// Most RX buffers (chains) one frame may be spread over.
@@ -99,8 +99,12 @@ impl NetPort {
         self.stats.set_broken(true);
     }
 
-    /// Publish the used entries of the RX rings written since the last call.
+    /// Publish the used entries of the RX rings written since the last call,
+    /// and the QoS counters.
     pub fn publish_rx(&mut self) {
+        if let Some(q) = self.qos.as_deref_mut() {
+            q.flush_counters(&self.stats);
+        }
         let mut dirty = std::mem::take(&mut self.rx_dirty);
         while dirty != 0 {
             let q = dirty.trailing_zeros() as usize;
@@ -265,7 +269,7 @@ fn deliver(
         return Err(DropReason::MtuExceeded);
     }
     if let Some(q) = port.qos.as_deref_mut() {
-        match q.egress_gate(f.len, ctx.now_ns, &port.stats) {
+        match q.egress_gate(f.len, ctx.now_ns) {
             Gate::Pass => {}
             Gate::Drop => return Err(DropReason::EgressPoliced),
             Gate::Queue => {
@@ -656,6 +660,9 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
         return 0;
     }
     let hdr_len = port.hdr_len;
+    if let Some(q) = port.qos.as_deref_mut() {
+        q.flush_counters(&port.stats);
+    }
     let Some(ring) = port.tx[q].as_mut() else {
         return 0;
     };
@@ -671,9 +678,12 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
     // frame's first bytes are prefetched before pass 2 needs them.
     let mut got = 0;
     let mut fault = None;
+    // What the port's QoS asks of this batch, decided once.
     let mut qos = port.qos.as_deref_mut();
+    let weighted = qos.as_ref().is_some_and(|q| q.budget.weighted());
+    let shaping = qos.as_ref().is_some_and(|q| q.shapes_ingress());
     while got < pending {
-        if qos.as_ref().is_some_and(|q| !q.budget.open()) {
+        if weighted && qos.as_ref().is_some_and(|q| !q.budget.open()) {
             break;
         }
         let head = match ring.pop_head() {
@@ -690,8 +700,8 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             hdr_len + MAX_FRAME_LEN as u32,
             chain,
         );
-        if let Some(q) = qos.as_deref_mut() {
-            if walked.is_ok() {
+        if let Some(q) = qos.as_deref_mut().filter(|_| shaping || weighted) {
+            if shaping && walked.is_ok() {
                 let len = chain.total.saturating_sub(hdr_len);
                 if !q.shape_ingress(len, ctx.now_ns, &port.stats) {
                     // Lossless: the frame stays in the guest's ring until
@@ -713,6 +723,9 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
         port.mark_broken(&f.to_string());
     }
     // Pass 2: switch them.
+    let policing = port.qos.as_ref().is_some_and(|q| q.polices_ingress());
+    let metered = port.qos.as_ref().is_some_and(|q| q.ingress.is_some());
+    let (mut passed, mut passed_bytes) = (0u64, 0u64);
     for k in 0..got {
         let port = &mut ports[pos];
         let total = ctx.scratch.tx_chains[k].total;
@@ -724,15 +737,19 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
                 port.stats.count_drop(DropReason::MtuExceeded)
             }
             Ok(())
-                if port.qos.as_deref_mut().is_some_and(|q| {
-                    !q.police_ingress(total - hdr_len, ctx.now_ns, &port.stats)
-                }) =>
+                if policing
+                    && port
+                        .qos
+                        .as_deref_mut()
+                        .is_some_and(|q| !q.police_ingress(total - hdr_len, ctx.now_ns)) =>
             {
                 port.stats.count_drop(DropReason::IngressPoliced)
             }
             Ok(()) => {
                 let len = total - hdr_len;
                 port.stats.add_rx(u64::from(len));
+                passed += 1;
+                passed_bytes += u64::from(len);
                 // The chain's segments point into this port's memory, which
                 // stays mapped: memory changes are commands, handled between batches.
                 let chain = &ctx.scratch.tx_chains[k];
@@ -744,6 +761,11 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
                 forward(ports, pos, segs, hdr_len, len, ctx);
             }
         }
+    }
+    if metered {
+        let stats = &ports[pos].stats;
+        stats.add_qos(QosCounter::IngressPackets, passed);
+        stats.add_qos(QosCounter::IngressBytes, passed_bytes);
     }
     let port = &mut ports[pos];
     let notify_on_empty = port.features.notify_on_empty;

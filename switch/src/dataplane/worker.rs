@@ -694,6 +694,9 @@ impl Worker {
                     Ok(Local::Net(pos)) => {
                         let p = &mut self.ports[pos];
                         if p.settings.qos != settings.qos {
+                            if let Some(q) = p.qos.as_deref_mut() {
+                                q.flush_counters(&p.stats);
+                            }
                             NetQos::update(&mut p.qos, &settings.qos, now);
                             self.shared.set_weight(idx, &settings.qos);
                         }
