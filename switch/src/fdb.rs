@@ -182,9 +182,26 @@ impl Fdb {
     }
 
     /// Record that `mac` was seen on `port` in `vlan`.
+    ///
+    /// Called for every frame: the common case, an address known in its
+    /// home slot on the same port and refreshed lately (or static there),
+    /// is settled here with two loads, as [`insert`](Self::insert) would
+    /// settle it.
     #[inline]
     pub fn learn(&self, mac: &[u8; 6], vlan: u16, port: PortIdx, now_ms: u64) -> Learn {
-        self.insert(make_key(mac, vlan), port, now_ms, false)
+        let key = make_key(mac, vlan);
+        let slot = &self.slots[self.home(key)];
+        if slot.key.load(Ordering::Acquire) == key {
+            let v = slot.val.load(Ordering::Acquire);
+            if v != RESERVED
+                && val_port(v) == port
+                && (v & STATIC != 0 || now_ms.saturating_sub(val_ts(v)) < REFRESH_MS)
+                && slot.key.load(Ordering::Acquire) == key
+            {
+                return Learn::Fresh;
+            }
+        }
+        self.insert(key, port, now_ms, false)
     }
 
     /// Add a static entry (never ages, not moved by learning).
