@@ -21,8 +21,6 @@ pub(super) const MAX_RX_CHAINS: usize = 32;
 /// Position value of a port this worker does not own.
 pub(super) const NOT_LOCAL: u16 = u16::MAX;
 const ETH_HLEN: u32 = 14;
-/// Least a frame costs against a weighted port's budget.
-const MIN_CHARGE: u32 = 64;
 
 /// A port as its worker holds it.
 pub(super) struct NetPort {
@@ -678,14 +676,7 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
     // frame's first bytes are prefetched before pass 2 needs them.
     let mut got = 0;
     let mut fault = None;
-    // What the port's QoS asks of this batch, decided once.
-    let mut qos = port.qos.as_deref_mut();
-    let weighted = qos.as_ref().is_some_and(|q| q.budget.weighted());
-    let shaping = qos.as_ref().is_some_and(|q| q.shapes_ingress());
     while got < pending {
-        if weighted && qos.as_ref().is_some_and(|q| !q.budget.open()) {
-            break;
-        }
         let head = match ring.pop_head() {
             Ok(h) => h,
             Err(f) => {
@@ -694,30 +685,31 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             }
         };
         let chain = &mut ctx.scratch.tx_chains[got];
-        let walked = ring.walk(
+        ctx.scratch.tx_walked[got] = ring.walk(
             head,
             Direction::Readable,
             hdr_len + MAX_FRAME_LEN as u32,
             chain,
         );
-        if let Some(q) = qos.as_deref_mut().filter(|_| shaping || weighted) {
-            if shaping && walked.is_ok() {
-                let len = chain.total.saturating_sub(hdr_len);
-                if !q.shape_ingress(len, ctx.now_ns, &port.stats) {
-                    // Lossless: the frame stays in the guest's ring until
-                    // the bucket has refilled.
-                    ring.unpop();
-                    break;
-                }
-            }
-            // Malformed chains cost their visit too.
-            q.budget.charge_item(i64::from(chain.total.max(MIN_CHARGE)));
-        }
-        ctx.scratch.tx_walked[got] = walked;
         if chain.nsegs > 0 {
             prefetch(chain.segs[0].ptr);
         }
         got += 1;
+    }
+    // The port's share and ingress shaper admit a prefix of the batch; the
+    // rest goes back to the guest's ring (lossless), in order.
+    if let Some(q) = port.qos.as_deref_mut() {
+        let keep = q.admit_ingress(
+            &ctx.scratch.tx_chains[..got],
+            &ctx.scratch.tx_walked[..got],
+            hdr_len,
+            ctx.now_ns,
+            &port.stats,
+        );
+        for _ in keep..got {
+            ring.unpop();
+        }
+        got = keep;
     }
     if let Some(f) = fault {
         port.mark_broken(&f.to_string());

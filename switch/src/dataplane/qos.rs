@@ -12,6 +12,7 @@ use super::egress::EgressQueue;
 use crate::blk::ReqType;
 use crate::qos::{LimitMode, Meter, QosSpec, TokenBucket, DEFAULT_EGRESS_QUEUE, DEFAULT_IO_SIZE};
 use crate::stats::{DiskStats, PortStats, QosCounter};
+use crate::vring::{Chain, ChainError};
 
 /// Bytes of budget per visit and unit of weight (net ports).
 const NET_QUANTUM: i64 = 64 * 1024;
@@ -19,6 +20,8 @@ const NET_QUANTUM: i64 = 64 * 1024;
 const DISK_QUANTUM: i64 = 256 * 1024;
 /// How often queued egress frames are retried while the guest posts no RX buffer.
 const RX_RETRY_NS: u64 = 1_000_000;
+/// Least a frame costs against a weighted port's budget.
+const MIN_CHARGE: u32 = 64;
 /// Least a disk request is charged against its budget.
 const DISK_MIN_COST: i64 = 4096;
 
@@ -105,6 +108,23 @@ impl Budget {
     pub fn charge(&mut self, bytes: i64) {
         if self.quantum.is_some() {
             self.deficit -= bytes;
+        }
+    }
+
+    /// Whether `n` more items fit the visit, `before_last` bytes being
+    /// charged before the last of them is taken (each item is taken while
+    /// the budget is [`open`](Self::open)).
+    #[inline]
+    fn fits(&self, n: usize, before_last: i64) -> bool {
+        self.quantum.is_none() || (self.items >= n as i64 && self.deficit - before_last > 0)
+    }
+
+    /// Charge `n` items of `bytes` in all.
+    #[inline]
+    fn charge_items(&mut self, n: usize, bytes: i64) {
+        if self.quantum.is_some() {
+            self.deficit -= bytes;
+            self.items -= n as i64;
         }
     }
 
@@ -217,10 +237,7 @@ impl NetQos {
         match self.ingress.as_mut() {
             Some(m) if m.mode() == LimitMode::Shape => {
                 if m.take(len, now) {
-                    if self.ingress_throttle.holding() {
-                        let held = self.ingress_throttle.release(now);
-                        stats.add_qos(QosCounter::IngressThrottledNs, held);
-                    }
+                    self.release_ingress(now, stats);
                     true
                 } else {
                     self.ingress_throttle.hold(now);
@@ -228,6 +245,76 @@ impl NetQos {
                 }
             }
             _ => true,
+        }
+    }
+
+    /// How many of the frames just taken from the guest's ring (their
+    /// chains and walk results) the port's budget and ingress shaper admit,
+    /// in order: as many as would have been taken one by one, each while
+    /// the budget was open and (if shaped) its tokens were there. Their
+    /// budget and tokens are taken; the caller gives the rest back.
+    ///
+    /// The whole batch is settled at once when it fits (the common case
+    /// when no limit binds), frame by frame otherwise.
+    pub fn admit_ingress(
+        &mut self,
+        chains: &[Chain],
+        walked: &[Result<(), ChainError>],
+        hdr_len: u32,
+        now: u64,
+        stats: &PortStats,
+    ) -> usize {
+        let n = chains.len();
+        let weighted = self.budget.weighted();
+        let shaping = self.shapes_ingress();
+        if n == 0 || (!weighted && !shaping) {
+            return n;
+        }
+        let (mut charge, mut last) = (0i64, 0i64);
+        let (mut frames, mut bytes) = (0u32, 0u64);
+        for (c, w) in chains.iter().zip(walked) {
+            // Malformed chains cost their visit too.
+            last = i64::from(c.total.max(MIN_CHARGE));
+            charge += last;
+            if w.is_ok() {
+                frames += 1;
+                bytes += u64::from(c.total.saturating_sub(hdr_len));
+            }
+        }
+        if self.budget.fits(n, charge - last)
+            && (!shaping
+                || self
+                    .ingress
+                    .as_mut()
+                    .is_some_and(|m| m.take_bulk(frames, bytes, now)))
+        {
+            self.budget.charge_items(n, charge);
+            if shaping {
+                self.release_ingress(now, stats);
+            }
+            return n;
+        }
+        for (k, (c, w)) in chains.iter().zip(walked).enumerate() {
+            if !self.budget.open() {
+                return k;
+            }
+            if shaping
+                && w.is_ok()
+                && !self.shape_ingress(c.total.saturating_sub(hdr_len), now, stats)
+            {
+                return k;
+            }
+            self.budget.charge_item(i64::from(c.total.max(MIN_CHARGE)));
+        }
+        n
+    }
+
+    /// The ingress shaper lets frames through: count how long it held them.
+    #[inline]
+    fn release_ingress(&mut self, now: u64, stats: &PortStats) {
+        if self.ingress_throttle.holding() {
+            let held = self.ingress_throttle.release(now);
+            stats.add_qos(QosCounter::IngressThrottledNs, held);
         }
     }
 
@@ -486,6 +573,86 @@ mod tests {
         assert!(q.police_ingress(60, 0));
         assert!(!q.police_ingress(60, 0));
         assert!(q.police_ingress(60, MS));
+    }
+
+    /// Frames admitted one by one: while the budget is open and, shaped,
+    /// while the tokens are there (what `admit_ingress` must match).
+    fn admit_one_by_one(
+        q: &mut NetQos,
+        frames: &[(u32, bool)],
+        now: u64,
+        stats: &PortStats,
+    ) -> usize {
+        for (k, &(total, ok)) in frames.iter().enumerate() {
+            if !q.budget.open() {
+                return k;
+            }
+            if ok && q.shapes_ingress() && !q.shape_ingress(total - 12, now, stats) {
+                return k;
+            }
+            q.budget.charge_item(i64::from(total.max(MIN_CHARGE)));
+        }
+        frames.len()
+    }
+
+    #[test]
+    fn a_batch_is_admitted_as_frame_by_frame() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let spec = QosSpec {
+            ingress: Some(NetLimit {
+                mode: LimitMode::Shape,
+                unit: RateUnit::Bits,
+                rate: 200_000_000,
+                burst: Some(200_000),
+                peak: None,
+                peak_burst: None,
+            }),
+            weight: Some(2),
+            ..QosSpec::default()
+        };
+        let stats = PortStats::default();
+        let mut a = NetQos::new(&spec, 0).unwrap();
+        let mut b = NetQos::new(&spec, 0).unwrap();
+        let (mut now, mut partial, mut whole) = (0, 0, 0);
+        for round in 0..20_000 {
+            if round % 8 == 0 {
+                a.budget.start_visit(32);
+                b.budget.start_visit(32);
+                now += next() % 3_000_000;
+            }
+            let frames: Vec<(u32, bool)> = (0..1 + next() % 32)
+                .map(|_| (12 + 60 + (next() % 9000) as u32, next() % 50 != 0))
+                .collect();
+            let mut chains: Vec<Chain> = Vec::new();
+            let mut walked = Vec::new();
+            for &(total, ok) in &frames {
+                let mut c = Chain::new();
+                c.total = total;
+                chains.push(c);
+                walked.push(if ok { Ok(()) } else { Err(ChainError::TooBig) });
+            }
+            let got = a.admit_ingress(&chains, &walked, 12, now, &stats);
+            assert_eq!(
+                got,
+                admit_one_by_one(&mut b, &frames, now, &stats),
+                "round {round}"
+            );
+            if got == frames.len() {
+                whole += 1;
+            } else {
+                partial += 1;
+            }
+        }
+        assert!(
+            whole > 100 && partial > 100,
+            "both outcomes ({whole} whole, {partial} cut)"
+        );
     }
 
     #[test]

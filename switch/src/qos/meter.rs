@@ -122,24 +122,55 @@ impl Meter {
         self.take_slow(c as u64, now)
     }
 
-    /// [`take`](Self::take) when the credit does not cover the frame:
-    /// settle, consult both buckets at `now`, and work out the credit again.
-    #[inline(never)]
-    fn take_slow(&mut self, c: u64, now: u64) -> bool {
-        self.settle();
-        let ok = self.allows_settled(c, now);
-        // `allows_settled` brought both buckets up to `now`.
-        if ok {
-            self.avg.debit(c);
-            if let Some(p) = self.peak.as_mut() {
-                p.debit(c);
-            }
+    /// Take the tokens of `frames` frames of `bytes` bytes in all if both
+    /// buckets hold them all now; false (nothing taken) otherwise, when
+    /// the caller takes them frame by frame (an answer for the whole only:
+    /// some may conform).
+    #[inline]
+    pub fn take_bulk(&mut self, frames: u32, bytes: u64, now: u64) -> bool {
+        let c = if self.packets {
+            i64::from(frames)
+        } else {
+            i64::try_from(bytes.saturating_mul(8)).unwrap_or(i64::MAX)
+        };
+        if now != self.at {
+            self.sync(now);
         }
+        if c <= self.credit {
+            self.credit -= c;
+            self.owed += c;
+            return true;
+        }
+        false
+    }
+
+    /// Settle, bring both buckets up to `now` and work out the credit.
+    #[inline(never)]
+    fn sync(&mut self, now: u64) {
+        self.settle();
+        // Refill both to `now`; asking for no tokens takes none.
+        let _ = self.allows_settled(0, now);
         self.at = now;
         self.credit = self
             .avg
             .held()
             .min(self.peak.as_ref().map_or(i64::MAX, |p| p.held()));
+    }
+
+    /// [`take`](Self::take) when the credit does not cover the frame:
+    /// settle, consult both buckets at `now`, and work out the credit again.
+    #[inline(never)]
+    fn take_slow(&mut self, c: u64, now: u64) -> bool {
+        self.sync(now);
+        // Both buckets are up to `now`: ask them.
+        let ok = self.allows_settled(c, now);
+        if ok {
+            self.avg.debit(c);
+            if let Some(p) = self.peak.as_mut() {
+                p.debit(c);
+            }
+            self.sync(now);
+        }
         ok
     }
 
@@ -255,17 +286,32 @@ mod tests {
             let mut avg = TokenBucket::new(l.rate, ab, 0);
             let mut pk = peak.map(|p| TokenBucket::new(p, pb, 0));
             let mut now = 0;
-            let mut passed = 0;
+            let (mut passed, mut bulks) = (0, 0);
             for i in 0..200_000 {
                 // Several frames per instant, as in a poll pass; sizes
                 // from 1 byte to over the burst.
                 if next() % 4 == 0 {
                     now += next() % 2_000_000;
                 }
-                let len = match next() % 16 {
+                let mut len = || match next() % 16 {
                     0 => 20_000,
                     _ => 1 + (next() % 1_600) as u32,
                 };
+                if i % 3 == 0 {
+                    // A batch at once: all or nothing, then one by one.
+                    let lens: Vec<u32> = (0..1 + i % 7).map(|_| len()).collect();
+                    let sum = lens.iter().map(|l| u64::from(*l)).sum();
+                    if m.take_bulk(lens.len() as u32, sum, now) {
+                        for l in &lens {
+                            let ok = take_eagerly(&mut avg, &mut pk, u64::from(*l) * 8, now);
+                            assert!(ok, "batch {i}");
+                        }
+                        passed += lens.len() as u64;
+                        bulks += 1;
+                        continue;
+                    }
+                }
+                let len = len();
                 let got = m.take(len, now);
                 assert_eq!(
                     got,
@@ -281,6 +327,7 @@ mod tests {
                 }
             }
             assert!(passed > 1000, "the test exercised both outcomes");
+            assert!(bulks > 100, "and batches taken at once");
         }
     }
 
