@@ -41,6 +41,11 @@
 //!   source and destination of the packet an ICMP error (destination
 //!   unreachable, source quench, redirect, time exceeded, parameter
 //!   problem) or an ICMPv6 error (types 1 to 4) carries.
+//! - With the target of a neighbour solicitation, the solicited-node
+//!   multicast group the solicitation is sent to (IPv6 and Ethernet
+//!   destination), when the target's is another: so that the guest hears
+//!   the network resolve the identity's address, and its duplicate address
+//!   detection probes the identity's group.
 //!
 //! Every checksum that covers a rewritten field is updated incrementally
 //! (RFC 1624): the IPv4 header's, TCP's and UDP's (through the
@@ -458,8 +463,7 @@ impl<'a> Rewrite<'a> {
 
     /// `win`: the visible part of the window; `net`: its parse.
     fn frame(&self, win: &mut [u8], net: Net) {
-        self.mac_at(win, ETH_DST);
-        self.mac_at(win, ETH_SRC);
+        let mut group = None;
         match net {
             Net::Arp(Some(at)) => {
                 let arp = win.get_mut(at..).unwrap_or_default();
@@ -469,9 +473,14 @@ impl<'a> Rewrite<'a> {
                 self.ipv4_at(arp, ARP_TPA);
             }
             Net::Ipv4(Some(ip)) => self.ipv4(ip.packet_mut(win), ip),
-            Net::Ipv6(Some(ip)) => self.ipv6(ip.packet_mut(win), ip.proto),
+            Net::Ipv6(Some(ip)) => group = self.ipv6(ip.packet_mut(win), ip.proto),
             _ => {}
         }
+        swap(win, ETH_DST, |mac| match group {
+            Some((from, to)) if mac == multicast_mac(from) => Some(multicast_mac(to)),
+            _ => self.mac(mac),
+        });
+        self.mac_at(win, ETH_SRC);
     }
 
     /// `pkt`: what the window shows of an IPv4 packet.
@@ -503,8 +512,8 @@ impl<'a> Rewrite<'a> {
     }
 
     /// `pkt`: what the window shows of an IPv6 packet; `proto`: its next
-    /// header.
-    fn ipv6(&self, pkt: &mut [u8], proto: u8) {
+    /// header. Returns the solicited-node group it translated.
+    fn ipv6(&self, pkt: &mut [u8], proto: u8) -> Option<([u8; 16], [u8; 16])> {
         let sum = match proto {
             IPPROTO_ICMPV6 => Some(PseudoSum {
                 at: IPV6_HLEN + ICMP_CSUM,
@@ -513,15 +522,36 @@ impl<'a> Rewrite<'a> {
             proto => PseudoSum::of(proto, IPV6_HLEN),
         };
         if sum.is_some_and(|sum| !sum.fits(pkt)) {
-            return;
+            return None;
         }
-        let mut d = self.ipv6_at(pkt, IPV6_SRC) + self.ipv6_at(pkt, IPV6_DST);
+        let group = match proto {
+            IPPROTO_ICMPV6 => self.solicited_node_group(pkt),
+            _ => None,
+        };
+        let dst = match group {
+            Some((_, to)) => swap(pkt, IPV6_DST, |_| Some(to)),
+            None => self.ipv6_at(pkt, IPV6_DST),
+        };
+        let mut d = self.ipv6_at(pkt, IPV6_SRC) + dst;
         if proto == IPPROTO_ICMPV6 {
             d = d + self.icmpv6(pkt.get_mut(IPV6_HLEN..).unwrap_or_default());
         }
         if let Some(sum) = sum {
             sum.update(pkt, d);
         }
+        group
+    }
+
+    /// The solicited-node group the neighbour solicitation in `pkt` is sent
+    /// to, and the one of its translated target, if they differ.
+    fn solicited_node_group(&self, pkt: &[u8]) -> Option<([u8; 16], [u8; 16])> {
+        let msg = pkt.get(IPV6_HLEN..)?;
+        if msg.first() != Some(&ND_NEIGHBOR_SOLICIT) {
+            return None;
+        }
+        let target = *array::<16>(msg, ND_TARGET)?;
+        let (from, to) = (solicited_node(target), solicited_node(self.ip(target)?));
+        (from != to && array::<16>(pkt, IPV6_DST) == Some(&from)).then_some((from, to))
     }
 
     /// The addresses in the body of an ICMPv6 message; returns the change
@@ -686,6 +716,18 @@ fn fold(mut sum: u32) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     sum as u16
+}
+
+/// The solicited-node multicast group of `addr` (RFC 4291, 2.7.1).
+fn solicited_node(addr: [u8; 16]) -> [u8; 16] {
+    let [.., a, b, c] = addr;
+    [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01, 0xff, a, b, c]
+}
+
+/// The Ethernet group of IPv6 multicast group `group` (RFC 2464, 7).
+fn multicast_mac(group: [u8; 16]) -> Mac {
+    let [.., a, b, c, d] = group;
+    [0x33, 0x33, a, b, c, d]
 }
 
 /// Where the NDP message of an ICMPv6 type holds addresses.
@@ -872,7 +914,7 @@ mod tests {
     const PEER4: [u8; 4] = [10, 1, 0, 20];
     const ROUTER4: [u8; 4] = [10, 1, 0, 1];
     const FAR4: [u8; 4] = [198, 51, 100, 7];
-    const GUEST6: [u8; 16] = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10).octets();
+    const GUEST6: [u8; 16] = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0xc0a8, 0x7a0a).octets();
     const ID6: [u8; 16] = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10).octets();
     const PEER6: [u8; 16] = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20).octets();
     const FAR6: [u8; 16] = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 7).octets();
@@ -1197,16 +1239,6 @@ mod tests {
         [&[0x1c, 0x2b, 0x00, 0x01][..], &data].concat()
     }
 
-    fn solicited_node(addr: [u8; 16]) -> [u8; 16] {
-        let mut group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0).octets();
-        group[13..].copy_from_slice(&addr[13..]);
-        group
-    }
-
-    fn multicast_mac(group: [u8; 16]) -> Mac {
-        [0x33, 0x33, group[12], group[13], group[14], group[15]]
-    }
-
     /// A link-layer address option (`ty`: source 1, target 2).
     fn ll_option(ty: u8, mac: Mac) -> Vec<u8> {
         [&[ty, 1][..], &mac].concat()
@@ -1381,6 +1413,10 @@ mod tests {
         let too_big = ipv6(h.v6, FAR6, IPPROTO_TCP, &tcp_syn(41_954, 443));
         let too_big = icmp(2, 0, &[&[0, 0, 0x05, 0x00][..], &too_big].concat());
         let too_big = icmpv6_frame(h.mac, ROUTER_MAC, ROUTER_LL, h.v6, &too_big);
+        // Unreachability detection: a solicitation to the address itself.
+        let mut nud = ns(PEER_MAC, PEER6, h.v6, Some(PEER_MAC));
+        nud[ETH_DST..ETH_SRC].copy_from_slice(&h.mac);
+        nud[ETH_HLEN + IPV6_DST..ETH_HLEN + IPV6_HLEN].copy_from_slice(&h.v6);
         let sent = [
             ("ARP request", arp_request(h.v4, PEER4)),
             ("ARP reply", arp_reply),
@@ -1413,6 +1449,7 @@ mod tests {
             ("the same, IP options, 802.1Q", with_options),
             ("ICMPv6 packet too big", too_big),
             ("NS for the host", ns(PEER_MAC, PEER6, h.v6, Some(PEER_MAC))),
+            ("NUD NS to the host", nud),
             ("RA", ra(ROUTER_MAC, ROUTER_LL)),
             ("redirect", redirect(h, ROUTER_MAC, ROUTER_LL)),
         ];
@@ -1545,12 +1582,18 @@ mod tests {
             for n in ETH_HLEN..guest.len().min(WINDOW) {
                 let expected = if n >= needed { identity } else { guest };
                 // Cut by the window, and by the frame.
-                let cut_window = ingress_of(guest, n, &p);
-                assert_eq!(cut_window[..12], identity[..12], "{name}, {n}");
-                assert_eq!(cut_window[12..n], expected[12..n], "{name}, window of {n}");
+                // The source MAC is mapped alone; the destination of a
+                // solicitation follows its target.
+                let mut expected = expected[..n].to_vec();
+                expected[ETH_SRC..ETH_TYPE].copy_from_slice(&ID_MAC);
+                assert_eq!(
+                    ingress_of(guest, n, &p)[..n],
+                    expected,
+                    "{name}, window of {n}"
+                );
                 let mut cut_frame = guest[..n].to_vec();
                 map_ingress(&mut cut_frame, n, &p, Some(GUEST_MAC));
-                assert_eq!(cut_frame[12..], expected[12..n], "{name}, frame of {n}");
+                assert_eq!(cut_frame, expected, "{name}, frame of {n}");
             }
         }
         // The ICMP error's own header and the one it carries are apart.
@@ -1567,6 +1610,18 @@ mod tests {
                 "{n}"
             );
         }
+    }
+
+    #[test]
+    fn a_solicitation_for_another_keeps_its_group() {
+        let p = policy();
+        // A neighbour in the guest's solicited-node group.
+        let mut neighbour = PEER6;
+        neighbour[13..].copy_from_slice(&GUEST6[13..]);
+        let guest = ns(GUEST_MAC, GUEST6, neighbour, Some(GUEST_MAC));
+        let identity = ns(ID_MAC, ID6, neighbour, Some(ID_MAC));
+        assert_eq!(identity[..6], multicast_mac(solicited_node(GUEST6)));
+        assert_eq!(ingress_of(&guest, WINDOW, &p), identity);
     }
 
     #[test]
