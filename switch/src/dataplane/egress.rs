@@ -23,6 +23,8 @@ pub(super) struct Queued {
     pub len: u32,
     pub src: PortIdx,
     pub hash: u32,
+    /// Identity generation when the frame was switched.
+    pub gen: u32,
 }
 
 pub(super) struct EgressQueue {
@@ -103,6 +105,7 @@ impl EgressQueue {
         weight: u16,
         len: u32,
         hash: u32,
+        gen: u32,
         fill: impl FnOnce(&mut [u8]),
     ) -> bool {
         let s = usize::from(src);
@@ -135,6 +138,7 @@ impl EgressQueue {
             len,
             src,
             hash,
+            gen,
         });
         true
     }
@@ -177,7 +181,7 @@ mod tests {
     use super::*;
 
     fn push(q: &mut EgressQueue, src: PortIdx, w: u16, len: u32, byte: u8) -> bool {
-        q.push(src, w, len, 0, |b| b.fill(byte))
+        q.push(src, w, len, 0, 0, |b| b.fill(byte))
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod net;
 mod qos;
 mod worker;
 
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -221,6 +221,8 @@ pub(crate) struct Frame {
     /// Destination port, or [`FLOOD`].
     pub dst: PortIdx,
     pub vlan: u16,
+    /// [`Shared::ident_gen`] when the frame was switched.
+    pub gen: u32,
 }
 
 /// `Frame::dst` of a frame to flood to every local port of its VLAN.
@@ -269,6 +271,12 @@ pub(crate) struct Shared {
     pub weights: Box<[AtomicU16]>,
     pub mailboxes: Vec<Mailbox>,
     pub epoch: Instant,
+    /// Bumped before any port's identities change (after the FDB says
+    /// where they went). A frame switched under an older generation is
+    /// looked up again before it is delivered late (from a mailbox or an
+    /// egress queue), so that once a move has returned nothing switched to
+    /// the identity's old port reaches it.
+    pub ident_gen: AtomicU32,
 }
 
 impl Shared {
@@ -343,6 +351,7 @@ impl Dataplane {
             weights: (0..MAX_PORTS).map(|_| AtomicU16::new(1)).collect(),
             mailboxes,
             epoch: Instant::now(),
+            ident_gen: AtomicU32::new(0),
         });
         let mut workers = Vec::with_capacity(n);
         for id in 0..n {
@@ -402,6 +411,7 @@ impl Dataplane {
     /// announcement is best effort, like the guest's own).
     pub fn announce(&self, src: PortIdx, vlan: u16, frames: &[Vec<u8>]) -> usize {
         let mut queued = 0;
+        let gen = self.shared.ident_gen.load(Ordering::Acquire);
         for mb in &self.shared.mailboxes {
             for f in frames.iter().filter(|f| f.len() <= MAX_FRAME_LEN) {
                 let Some(mut buf) = mb.pool.pop() else {
@@ -414,6 +424,7 @@ impl Dataplane {
                     src,
                     dst: FLOOD,
                     vlan,
+                    gen,
                 };
                 match mb.frames.push(frame) {
                     Ok(()) => queued += 1,
@@ -623,7 +634,15 @@ impl Dataplane {
     }
 
     /// Change a port's settings.
+    ///
+    /// When the port's identities change, the caller updates the FDB
+    /// first: frames switched before that are then looked up again if they
+    /// reach a port late (see [`Shared::ident_gen`]), so that once this
+    /// returns none reaches the port an identity left.
     pub fn set_settings(&self, idx: PortIdx, settings: PortSettings) -> Result<(), DataplaneError> {
+        // Any change may be one of identities: a spurious bump only costs
+        // the frames in flight a second lookup.
+        self.shared.ident_gen.fetch_add(1, Ordering::AcqRel);
         self.call_port(idx, |reply| Command::Settings {
             idx,
             settings,

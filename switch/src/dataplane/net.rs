@@ -12,6 +12,8 @@ use super::{
 };
 use crate::cpu::prefetch;
 use crate::fdb::PortIdx;
+use crate::identity::frame::{self as idframe, WINDOW};
+use crate::identity::policy::Mac;
 use crate::mem::GuestMemory;
 use crate::stats::{DropReason, PortStats, QosCounter};
 use crate::vring::{Chain, ChainError, Direction, RingFault, Seg, Vring};
@@ -42,6 +44,14 @@ pub(super) struct NetPort {
     pub broken: bool,
     /// Limits and share, when set.
     pub qos: Option<Box<NetQos>>,
+    /// The guest's own MAC as learnt from its frames, when its identity
+    /// maps a MAC the port was not told (see [`MacMap::guest`]).
+    ///
+    /// [`MacMap::guest`]: crate::identity::policy::MacMap::guest
+    pub learnt_mac: Option<Mac>,
+    /// Frames for the guest last found its RX ring without buffers (the
+    /// port's stall clock runs; see [`PortStats::rx_stalled_since`]).
+    stalled: bool,
     faults: crossbeam_channel::Sender<PortIdx>,
 }
 
@@ -69,8 +79,17 @@ impl NetPort {
             n_rx_active: 0,
             rx_dirty: 0,
             broken: false,
+            learnt_mac: None,
+            stalled: false,
             faults,
         }
+    }
+
+    /// The guest's own MAC, when its identity's MAC is mapped to it.
+    #[inline]
+    fn guest_mac(&self) -> Option<Mac> {
+        let map = self.settings.policy.as_deref()?.mac_map?;
+        map.guest.or(self.learnt_mac)
     }
 
     /// Recompute the list of running RX rings.
@@ -148,6 +167,8 @@ pub(super) struct Ctx<'a> {
     pub dirty: &'a mut Vec<u16>,
     /// Bit w set: worker w was sent frames and may need waking.
     pub remote_wake: u64,
+    /// [`Shared::ident_gen`] at the start of the pass, before any lookup.
+    pub gen: u32,
 }
 
 impl Ctx<'_> {
@@ -212,6 +233,48 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Reads a frame whose first bytes may have been rewritten: `head`, then
+/// the rest of the frame from the guest's buffers.
+struct FrameCursor<'a> {
+    head: &'a [u8],
+    rest: Cursor<'a>,
+}
+
+impl<'a> FrameCursor<'a> {
+    #[inline]
+    fn new(f: &FrameRef<'a>) -> Self {
+        FrameCursor {
+            head: f.head,
+            rest: Cursor::new(f.segs, f.skip + f.head.len() as u32),
+        }
+    }
+
+    /// Copy `n` bytes to `dst` and advance. The caller checked that `n`
+    /// bytes remain.
+    ///
+    /// # Safety
+    /// As [`Cursor::copy_to`].
+    #[inline]
+    unsafe fn copy_to(&mut self, mut dst: *mut u8, mut n: u32) {
+        if !self.head.is_empty() {
+            let t = (self.head.len() as u32).min(n);
+            // SAFETY: `head` holds `t` bytes, `dst` is valid for `n >= t`
+            // bytes (the caller's promise), and a local array cannot
+            // overlap guest memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.head.as_ptr(), dst, t as usize);
+                dst = dst.add(t as usize);
+            }
+            self.head = &self.head[t as usize..];
+            n -= t;
+        }
+        if n > 0 {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.rest.copy_to(dst, n) };
+        }
+    }
+}
+
 /// Copy the Ethernet header of a frame that starts `skip` bytes into `segs`.
 #[inline]
 fn eth_header(segs: &[Seg], skip: u32) -> [u8; ETH_HLEN as usize] {
@@ -243,6 +306,9 @@ fn flow_hash(eth: &[u8; 14]) -> usize {
 /// A frame being switched: where it lies and where it comes from.
 #[derive(Clone, Copy)]
 struct FrameRef<'a> {
+    /// The frame's first bytes as rewritten by identity mapping (they
+    /// replace as many bytes of `segs`), or empty.
+    head: &'a [u8],
     /// The buffers holding the frame, `skip` bytes in, `len` bytes long.
     segs: &'a [Seg],
     skip: u32,
@@ -251,10 +317,45 @@ struct FrameRef<'a> {
     vlan: u16,
     /// Picks the destination's RX queue.
     hash: usize,
+    /// [`Shared::ident_gen`] when the frame was switched.
+    gen: u32,
 }
 
-/// Hand a frame to `ports[pos]`: through its egress limit, into its
-/// guest's RX buffers (or its egress queue).
+impl<'a> FrameRef<'a> {
+    /// The frame's Ethernet header.
+    #[inline]
+    fn eth(&self) -> [u8; ETH_HLEN as usize] {
+        match self.head.get(..ETH_HLEN as usize) {
+            Some(h) => h.try_into().unwrap_or([0xff; ETH_HLEN as usize]),
+            None => eth_header(self.segs, self.skip),
+        }
+    }
+
+    /// Copy the frame's first `win.len()` bytes (at most `len`) to `win`.
+    #[inline]
+    fn copy_head(&self, win: &mut [u8]) {
+        // SAFETY: `win` holds `win.len()` bytes, at most `len` (the
+        // caller's slice), which the frame holds.
+        unsafe { FrameCursor::new(self).copy_to(win.as_mut_ptr(), win.len() as u32) };
+    }
+}
+
+/// Whether a frame switched under an older identity generation to `dst`
+/// would now go elsewhere: its destination's identity moved away.
+#[inline]
+fn moved_away(eth: &[u8; ETH_HLEN as usize], vlan: u16, dst: PortIdx, ctx: &Ctx<'_>) -> bool {
+    let dst_mac: &[u8; 6] = eth[0..6].try_into().unwrap_or(&[0xff; 6]);
+    dst_mac[0] & 1 == 0
+        && ctx
+            .shared
+            .fdb
+            .lookup(dst_mac, vlan, ctx.now_ms)
+            .is_some_and(|p| p != dst)
+}
+
+/// Hand a frame to `ports[pos]`: translated for its guest's identity,
+/// through its egress limit, into its guest's RX buffers (or its egress
+/// queue).
 #[inline]
 fn deliver(
     ports: &mut [NetPort],
@@ -262,10 +363,35 @@ fn deliver(
     f: FrameRef<'_>,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), DropReason> {
-    let port = &mut ports[pos];
+    let port = &ports[pos];
     if port.settings.over_mtu(f.len) {
         return Err(DropReason::MtuExceeded);
     }
+    match port.settings.policy.as_deref() {
+        Some(policy) if policy.translates() => {
+            let mut win = [0u8; WINDOW];
+            let w = (f.len as usize).min(WINDOW);
+            f.copy_head(&mut win[..w]);
+            idframe::map_egress(&mut win[..w], f.len as usize, policy, port.guest_mac());
+            let f = FrameRef {
+                head: &win[..w],
+                ..f
+            };
+            deliver_gated(ports, pos, f, ctx)
+        }
+        _ => deliver_gated(ports, pos, f, ctx),
+    }
+}
+
+/// [`deliver`] after translation.
+#[inline(always)]
+fn deliver_gated(
+    ports: &mut [NetPort],
+    pos: usize,
+    f: FrameRef<'_>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), DropReason> {
+    let port = &mut ports[pos];
     if let Some(q) = port.qos.as_deref_mut() {
         match q.egress_gate(f.len, ctx.now_ns) {
             Gate::Pass => {}
@@ -275,13 +401,11 @@ fn deliver(
                 let Some(queue) = q.queue.as_mut() else {
                     return Err(DropReason::EgressQueueFull);
                 };
-                let (segs, skip) = (f.segs, f.skip);
-                let queued = queue.push(f.src, weight, f.len, f.hash as u32, |buf| {
-                    let mut cur = Cursor::new(segs, skip);
-                    // SAFETY: `buf` is `f.len` bytes long, and the frame's
-                    // segments hold `f.len` bytes after `skip` (checked by
-                    // the caller when it took the frame).
-                    unsafe { cur.copy_to(buf.as_mut_ptr(), f.len) };
+                let queued = queue.push(f.src, weight, f.len, f.hash as u32, f.gen, |buf| {
+                    // SAFETY: `buf` is `f.len` bytes long, and the frame
+                    // holds `f.len` bytes (checked by the caller when it
+                    // took the frame).
+                    unsafe { FrameCursor::new(&f).copy_to(buf.as_mut_ptr(), f.len) };
                 });
                 return if queued {
                     Ok(())
@@ -329,14 +453,20 @@ pub(super) fn drain_egress(ports: &mut [NetPort], pos: usize, ctx: &mut Ctx<'_>)
             writable: false,
         }];
         let f = FrameRef {
+            head: &[],
             segs: &seg,
             skip: 0,
             len: front.len,
             src: front.src,
-            vlan: 0,
+            vlan: port.settings.vlan,
             hash: front.hash as usize,
+            gen: front.gen,
         };
-        let res = deliver_now(ports, pos, f, ctx);
+        let res = if f.gen != ctx.gen && moved_away(&f.eth(), f.vlan, port.idx, ctx) {
+            Err(DropReason::IdentityMoved)
+        } else {
+            deliver_now(ports, pos, f, ctx)
+        };
         let port = &mut ports[pos];
         let Some(q) = port.qos.as_deref_mut() else {
             break;
@@ -363,7 +493,8 @@ pub(super) fn drain_egress(ports: &mut [NetPort], pos: usize, ctx: &mut Ctx<'_>)
     sent
 }
 
-/// Copy a frame into the RX buffers of `ports[pos]`.
+/// Copy a frame into the RX buffers of `ports[pos]`, keeping the port's
+/// RX stall clock.
 #[inline]
 fn deliver_now(
     ports: &mut [NetPort],
@@ -371,13 +502,31 @@ fn deliver_now(
     f: FrameRef<'_>,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), DropReason> {
-    let FrameRef {
-        segs: src,
-        skip,
-        len,
-        hash,
-        ..
-    } = f;
+    let res = copy_to_guest(ports, pos, f, ctx);
+    let port = &mut ports[pos];
+    match res {
+        Ok(()) if port.stalled => {
+            port.stalled = false;
+            port.stats.rx_drained();
+        }
+        Err(DropReason::NoRxBuffer) if !port.stalled => {
+            port.stalled = true;
+            port.stats.rx_stalled(ctx.now_ms);
+        }
+        _ => {}
+    }
+    res
+}
+
+/// Copy a frame into the RX buffers of `ports[pos]`.
+#[inline]
+fn copy_to_guest(
+    ports: &mut [NetPort],
+    pos: usize,
+    f: FrameRef<'_>,
+    ctx: &mut Ctx<'_>,
+) -> Result<(), DropReason> {
+    let (len, hash) = (f.len, f.hash);
     let port = &mut ports[pos];
     if port.broken || port.n_rx_active == 0 {
         return Err(DropReason::NoRxBuffer);
@@ -467,7 +616,7 @@ fn deliver_now(
         writable: false,
     }];
     let mut hdr_cur = Cursor::new(&hdr_seg, 0);
-    let mut src_cur = Cursor::new(src, skip);
+    let mut src_cur = FrameCursor::new(&f);
     let mut left_hdr = hdr_len;
     let mut left = len;
     // Usually the first buffer holds the whole header: write it in place.
@@ -532,27 +681,20 @@ fn send_remote(
     dst: PortIdx,
     ctx: &mut Ctx<'_>,
 ) -> Result<(), DropReason> {
-    let FrameRef {
-        segs: src,
-        skip,
-        len,
-        src: src_idx,
-        vlan,
-        ..
-    } = f;
     let mb = &ctx.shared.mailboxes[worker];
     let Some(mut buf) = mb.pool.pop() else {
         return Err(DropReason::RemoteQueueFull);
     };
     // SAFETY: pool buffers hold MAX_FRAME_LEN bytes and len <= MAX_FRAME_LEN
-    // (checked when the chain was walked); src holds skip + len bytes.
-    unsafe { Cursor::new(src, skip).copy_to(buf.as_mut_ptr(), len) };
+    // (checked when the chain was walked); the frame holds len bytes.
+    unsafe { FrameCursor::new(&f).copy_to(buf.as_mut_ptr(), f.len) };
     let frame = Frame {
         buf,
-        len,
-        src: src_idx,
+        len: f.len,
+        src: f.src,
         dst,
-        vlan,
+        vlan: f.vlan,
+        gen: f.gen,
     };
     if let Err(f) = mb.frames.push(frame) {
         let _ = mb.pool.push(f.buf);
@@ -591,7 +733,8 @@ fn flood(
     }
 }
 
-/// Switch one frame that `ports[src_pos]` sent.
+/// Switch one frame that `ports[src_pos]` sent: its identities enforced
+/// and translated first, when it carries any.
 #[inline]
 fn forward(
     ports: &mut [NetPort],
@@ -601,20 +744,76 @@ fn forward(
     len: u32,
     ctx: &mut Ctx<'_>,
 ) {
-    let eth = eth_header(src, skip);
-    let (src_idx, vlan) = (ports[src_pos].idx, ports[src_pos].settings.vlan);
+    let port = &mut ports[src_pos];
+    let f = FrameRef {
+        head: &[],
+        segs: src,
+        skip,
+        len,
+        src: port.idx,
+        vlan: port.settings.vlan,
+        hash: 0,
+        gen: ctx.gen,
+    };
+    if port.settings.policy.is_none() {
+        return switch(ports, src_pos, f, ctx);
+    }
+    let mut win = [0u8; WINDOW];
+    let w = (len as usize).min(WINDOW);
+    f.copy_head(&mut win[..w]);
+    if let Err(why) = apply_identity(port, &mut win[..w], len) {
+        port.stats.count_drop(why);
+        return;
+    }
+    let f = FrameRef {
+        head: &win[..w],
+        ..f
+    };
+    switch(ports, src_pos, f, ctx);
+}
+
+/// Translate a frame's head (`win`) from the guest's addresses to its
+/// identity's and check its sources. The frame is `len` bytes long.
+#[inline]
+fn apply_identity(port: &mut NetPort, win: &mut [u8], len: u32) -> Result<(), DropReason> {
+    let Some(policy) = port.settings.policy.as_deref() else {
+        return Ok(());
+    };
+    if let Some(map) = policy.mac_map {
+        if map.guest.is_none() && port.learnt_mac.is_none() {
+            // The guest's MAC, unknown so far: the first unicast source
+            // that is none of the port's identities'.
+            if let Some(src) = win.get(6..12).and_then(|m| <Mac>::try_from(m).ok()) {
+                if src[0] & 1 == 0 && src != [0; 6] && !policy.macs.contains(&src) {
+                    log::info!(
+                        "port {}: the guest's own MAC is {}; it carries {} for the network",
+                        port.idx,
+                        crate::daemon::mac_string(&src),
+                        crate::daemon::mac_string(&map.identity)
+                    );
+                    port.learnt_mac = Some(src);
+                }
+            }
+        }
+    }
+    let guest = policy.mac_map.and_then(|m| m.guest.or(port.learnt_mac));
+    idframe::ingress(win, len as usize, policy, guest).map_err(DropReason::from)
+}
+
+/// The L2 forwarding decision for a frame `ports[src_pos]` sent, and its
+/// delivery.
+#[inline(always)]
+fn switch(ports: &mut [NetPort], src_pos: usize, f: FrameRef<'_>, ctx: &mut Ctx<'_>) {
+    let eth = f.eth();
+    let (src_idx, vlan) = (f.src, f.vlan);
     let dst_mac: &[u8; 6] = eth[0..6].try_into().unwrap_or(&[0xff; 6]);
     let src_mac: &[u8; 6] = eth[6..12].try_into().unwrap_or(&[0xff; 6]);
     if src_mac[0] & 1 == 0 {
         ctx.shared.fdb.learn(src_mac, vlan, src_idx, ctx.now_ms);
     }
     let f = FrameRef {
-        segs: src,
-        skip,
-        len,
-        src: src_idx,
-        vlan,
         hash: flow_hash(&eth),
+        ..f
     };
     let known = if dst_mac[0] & 1 == 0 {
         ctx.shared.fdb.lookup(dst_mac, vlan, ctx.now_ms)
@@ -782,12 +981,14 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
     }];
     let eth = eth_header(&seg, 0);
     let f = FrameRef {
+        head: &[],
         segs: &seg,
         skip: 0,
         len: frame.len,
         src: frame.src,
         vlan: frame.vlan,
         hash: flow_hash(&eth),
+        gen: frame.gen,
     };
     if frame.dst == FLOOD {
         let src_pos = ctx
@@ -806,7 +1007,12 @@ pub(super) fn deliver_remote(ports: &mut [NetPort], frame: &Frame, ctx: &mut Ctx
         .filter(|p| *p != NOT_LOCAL)
     {
         let pos = usize::from(pos);
-        if let Err(why) = deliver(ports, pos, f, ctx) {
+        let res = if frame.gen != ctx.gen && moved_away(&eth, frame.vlan, frame.dst, ctx) {
+            Err(DropReason::IdentityMoved)
+        } else {
+            deliver(ports, pos, f, ctx)
+        };
+        if let Err(why) = res {
             ports[pos].stats.count_drop(why);
         }
         return;

@@ -16,7 +16,8 @@ use super::blk::{self, BlkScratch, DiskPort, DiskQueue};
 use super::net::{self, Ctx, NetPort, Scratch, NOT_LOCAL};
 use super::qos::NetQos;
 use super::{
-    Command, DataplaneError, Device, Features, Moving, Shared, MAX_PORTS, MAX_QUEUE_PAIRS,
+    Command, DataplaneError, Device, Features, Moving, PortSettings, Shared, MAX_PORTS,
+    MAX_QUEUE_PAIRS,
 };
 use crate::blk::MAX_DISK_QUEUES;
 use crate::fdb::PortIdx;
@@ -221,6 +222,10 @@ impl Worker {
             batch: self.config.batch,
             dirty: &mut self.dirty,
             remote_wake: 0,
+            gen: self
+                .shared
+                .ident_gen
+                .load(std::sync::atomic::Ordering::Acquire),
         };
         let mut work = 0;
         for pos in 0..self.ports.len() {
@@ -389,6 +394,10 @@ impl Worker {
             batch: self.config.batch,
             dirty: &mut self.dirty,
             remote_wake: 0,
+            gen: self
+                .shared
+                .ident_gen
+                .load(std::sync::atomic::Ordering::Acquire),
         };
         // What is queued now; frames that keep coming wait for the next poll
         // (the caller waits for this command, so it must not chase them).
@@ -699,6 +708,13 @@ impl Worker {
                             }
                             NetQos::update(&mut p.qos, &settings.qos, now);
                             self.shared.set_weight(idx, &settings.qos);
+                        }
+                        let map = |s: &PortSettings| s.policy.as_deref().and_then(|p| p.mac_map);
+                        if map(&p.settings).map(|m| m.identity)
+                            != map(&settings).map(|m| m.identity)
+                        {
+                            // Another identity to map: learn the guest's MAC again.
+                            p.learnt_mac = None;
                         }
                         p.settings = settings;
                         Ok(())

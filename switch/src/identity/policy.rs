@@ -52,6 +52,11 @@ pub enum IpMap {
 }
 
 impl PortPolicy {
+    /// Whether frames are translated at all (on their way in and out).
+    pub fn translates(&self) -> bool {
+        self.mac_map.is_some() || !self.ip_map.is_empty()
+    }
+
     /// Whether the port checks sources at all.
     pub fn enforces(&self) -> bool {
         !self.trusted && !self.macs.is_empty()
