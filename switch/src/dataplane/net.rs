@@ -44,11 +44,6 @@ pub(super) struct NetPort {
     pub broken: bool,
     /// Limits and share, when set.
     pub qos: Option<Box<NetQos>>,
-    /// The guest's own MAC as learnt from its frames, when its identity
-    /// maps a MAC the port was not told (see [`MacMap::guest`]).
-    ///
-    /// [`MacMap::guest`]: crate::identity::policy::MacMap::guest
-    pub learnt_mac: Option<Mac>,
     /// Frames for the guest last found its RX ring without buffers (the
     /// port's stall clock runs; see [`PortStats::rx_stalled_since`]).
     stalled: bool,
@@ -79,7 +74,6 @@ impl NetPort {
             n_rx_active: 0,
             rx_dirty: 0,
             broken: false,
-            learnt_mac: None,
             stalled: false,
             faults,
         }
@@ -88,8 +82,7 @@ impl NetPort {
     /// The guest's own MAC, when its identity's MAC is mapped to it.
     #[inline]
     fn guest_mac(&self) -> Option<Mac> {
-        let map = self.settings.policy.as_deref()?.mac_map?;
-        map.guest.or(self.learnt_mac)
+        Some(self.settings.policy.as_deref()?.mac_map?.guest)
     }
 
     /// Recompute the list of running RX rings.
@@ -775,29 +768,11 @@ fn forward(
 /// Translate a frame's head (`win`) from the guest's addresses to its
 /// identity's and check its sources. The frame is `len` bytes long.
 #[inline]
-fn apply_identity(port: &mut NetPort, win: &mut [u8], len: u32) -> Result<(), DropReason> {
+fn apply_identity(port: &NetPort, win: &mut [u8], len: u32) -> Result<(), DropReason> {
     let Some(policy) = port.settings.policy.as_deref() else {
         return Ok(());
     };
-    if let Some(map) = policy.mac_map {
-        if map.guest.is_none() && port.learnt_mac.is_none() {
-            // The guest's MAC, unknown so far: the first unicast source
-            // that is none of the port's identities'.
-            if let Some(src) = win.get(6..12).and_then(|m| <Mac>::try_from(m).ok()) {
-                if src[0] & 1 == 0 && src != [0; 6] && !policy.macs.contains(&src) {
-                    log::info!(
-                        "port {}: the guest's own MAC is {}; it carries {} for the network",
-                        port.idx,
-                        crate::daemon::mac_string(&src),
-                        crate::daemon::mac_string(&map.identity)
-                    );
-                    port.learnt_mac = Some(src);
-                }
-            }
-        }
-    }
-    let guest = policy.mac_map.and_then(|m| m.guest.or(port.learnt_mac));
-    idframe::ingress(win, len as usize, policy, guest).map_err(DropReason::from)
+    idframe::ingress(win, len as usize, policy, port.guest_mac()).map_err(DropReason::from)
 }
 
 /// The L2 forwarding decision for a frame `ports[src_pos]` sent, and its

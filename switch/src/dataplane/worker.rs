@@ -16,8 +16,7 @@ use super::blk::{self, BlkScratch, DiskPort, DiskQueue};
 use super::net::{self, Ctx, NetPort, Scratch, NOT_LOCAL};
 use super::qos::NetQos;
 use super::{
-    Command, DataplaneError, Device, Features, Moving, PortSettings, Shared, MAX_PORTS,
-    MAX_QUEUE_PAIRS,
+    Command, DataplaneError, Device, Features, Moving, Shared, MAX_PORTS, MAX_QUEUE_PAIRS,
 };
 use crate::blk::MAX_DISK_QUEUES;
 use crate::fdb::PortIdx;
@@ -708,13 +707,6 @@ impl Worker {
                             }
                             NetQos::update(&mut p.qos, &settings.qos, now);
                             self.shared.set_weight(idx, &settings.qos);
-                        }
-                        let map = |s: &PortSettings| s.policy.as_deref().and_then(|p| p.mac_map);
-                        if map(&p.settings).map(|m| m.identity)
-                            != map(&settings).map(|m| m.identity)
-                        {
-                            // Another identity to map: learn the guest's MAC again.
-                            p.learnt_mac = None;
                         }
                         p.settings = settings;
                         Ok(())

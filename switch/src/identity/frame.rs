@@ -956,7 +956,7 @@ mod tests {
             ipv6: vec![ID6.into()],
             mac_map: Some(MacMap {
                 identity: ID_MAC,
-                guest: Some(GUEST_MAC),
+                guest: GUEST_MAC,
             }),
             ip_map: vec![
                 IpMap::V4 {

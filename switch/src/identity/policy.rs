@@ -38,9 +38,10 @@ pub struct PortPolicy {
 pub struct MacMap {
     /// The identity's MAC: what the rest of the network sees.
     pub identity: Mac,
-    /// The guest's own virtio MAC; `None`: learnt from the first frame the
-    /// guest sends from a MAC that is not one of the port's identities'.
-    pub guest: Option<Mac>,
+    /// The guest's own virtio MAC (the port's `guest_mac`: told, never
+    /// guessed from the guest's frames, which would let a guest that sends
+    /// from a MAC not its own have it mapped instead of dropped).
+    pub guest: Mac,
 }
 
 /// A 1:1 address translation: the network sees `identity`, the guest
