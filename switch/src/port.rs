@@ -550,16 +550,24 @@ impl Session {
         let attached = match &self.device {
             SessionDevice::Net { .. } => {
                 self.dp
-                    .attach(self.idx, worker, self.stats.clone(), settings)
+                    .attach(self.idx, worker, self.stats.clone(), settings.clone())
             }
             SessionDevice::Disk { disk, .. } => {
                 self.dp
-                    .attach_disk(self.idx, worker, disk.clone(), settings)
+                    .attach_disk(self.idx, worker, disk.clone(), settings.clone())
             }
         };
         if let Err(e) = attached {
             log::error!("port {}: cannot attach to worker {worker}: {e}", self.name);
             return true;
+        }
+        // Settings changed while the port was being attached found it
+        // unattached and were only stored: apply the latest.
+        let latest = self.settings.lock().map(|s| s.clone()).unwrap_or_default();
+        if latest != settings {
+            if let Err(e) = self.dp.set_settings(self.idx, latest) {
+                log::error!("port {}: cannot apply its settings: {e}", self.name);
+            }
         }
         let watch = match stream.try_clone() {
             Ok(w) => w,
