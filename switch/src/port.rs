@@ -31,6 +31,7 @@ use crate::dataplane::{
 use crate::disk::DiskSpec;
 use crate::events::EventBus;
 use crate::fdb::PortIdx;
+use crate::identity::addr::{check_mappings, AddrError, IpMapping, MacAddr};
 use crate::qos::{QosError, QosSpec};
 use crate::stats::DiskStats;
 use crate::stats::PortStats;
@@ -101,6 +102,8 @@ pub enum PortError {
     Disk(#[from] crate::disk::DiskError),
     #[error(transparent)]
     Qos(#[from] QosError),
+    #[error(transparent)]
+    Addr(#[from] AddrError),
     #[error("cannot start the port's session thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -149,6 +152,17 @@ pub struct PortSpec {
     /// Limits and share (`qos.set`).
     #[serde(default, skip_serializing_if = "QosSpec::is_empty")]
     pub qos: QosSpec,
+    /// No source checks on the identities the port carries (a router or
+    /// an uplink); their mappings still apply.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trusted: bool,
+    /// The guest's own MAC, when it is not its identity's; none: learnt
+    /// from the guest's frames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<MacAddr>,
+    /// Identity addresses the guest is configured with another of.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_map: Vec<IpMapping>,
 }
 
 fn one() -> u16 {
@@ -170,6 +184,9 @@ impl PortSpec {
             group: None,
             perm: None,
             qos: QosSpec::default(),
+            trusted: false,
+            guest_mac: None,
+            ip_map: Vec::new(),
         }
     }
 
@@ -187,6 +204,10 @@ impl PortSpec {
                 return Err(PortError::BadMtu(m));
             }
         }
+        if let Some(m) = self.guest_mac {
+            m.host()?;
+        }
+        check_mappings(&self.ip_map)?;
         self.socket_access()?;
         Ok(())
     }
@@ -264,15 +285,20 @@ impl SocketAccess {
     }
 }
 
-/// Check a port name.
-pub fn validate_name(name: &str) -> Result<(), PortError> {
-    let ok = !name.is_empty()
+/// Whether `name` may name a port (or an identity): 1 to 64 letters,
+/// digits, '-', '_' or '.', not starting with '.'.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_NAME_LEN
         && !name.starts_with('.')
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Check a port name.
+pub fn validate_name(name: &str) -> Result<(), PortError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(PortError::InvalidName(name.to_string()))
@@ -834,6 +860,9 @@ pub struct PortInfo {
     pub queue_pairs: u16,
     pub vlan: u16,
     pub mtu: Option<u16>,
+    pub trusted: bool,
+    pub guest_mac: Option<MacAddr>,
+    pub ip_map: Vec<IpMapping>,
     pub connected: bool,
     pub broken: bool,
     pub connections: u64,
@@ -854,6 +883,24 @@ pub struct PortChanges {
     pub mode: Option<PortMode>,
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    #[serde(default)]
+    pub trusted: Option<bool>,
+    /// `null` removes the guest MAC (learnt again).
+    #[serde(default, deserialize_with = "present")]
+    pub guest_mac: Option<Option<MacAddr>>,
+    /// Replaces the list; `[]` empties it.
+    #[serde(default)]
+    pub ip_map: Option<Vec<IpMapping>>,
+}
+
+/// A field that may be given as `null`: absent is `None` (the field's
+/// default), present is `Some`, `null` included.
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// The ports of a switch.
@@ -1095,6 +1142,15 @@ impl PortTable {
         if let Some(w) = ch.worker {
             spec.worker = Some(self.check_worker(w)?);
         }
+        if let Some(t) = ch.trusted {
+            spec.trusted = t;
+        }
+        if let Some(m) = ch.guest_mac {
+            spec.guest_mac = m;
+        }
+        if let Some(m) = &ch.ip_map {
+            spec.ip_map = m.clone();
+        }
         spec.validate()?;
         let restart = spec.mode != port.spec.mode || spec.socket != port.spec.socket;
         let vlan_changed = spec.vlan != port.spec.vlan;
@@ -1302,6 +1358,9 @@ impl PortTable {
             queue_pairs: p.spec.queue_pairs,
             vlan: p.spec.vlan,
             mtu: p.spec.mtu,
+            trusted: p.spec.trusted,
+            guest_mac: p.spec.guest_mac,
+            ip_map: p.spec.ip_map.clone(),
             connected: p.status.connected(),
             broken: p.broken(),
             connections: p.status.connections(),

@@ -10,6 +10,7 @@ use super::{ControlError, PROTOCOL_VERSION};
 use crate::config::ConfigError;
 use crate::daemon::{mac_string, Switch, SwitchError};
 use crate::disk::DiskSpec;
+use crate::identity::addr::{IpMapping, MacAddr};
 use crate::port::{Port, PortChanges, PortError, PortMode, PortSpec, PortTable};
 use crate::qos::{QosError, QosSpec};
 use crate::stats::DropReason;
@@ -123,7 +124,7 @@ impl From<PortError> for ControlError {
             },
             PortError::Disk(crate::disk::DiskError::BackingInUse { .. }) => "exists",
             PortError::Disk(_) => "invalid_argument",
-            PortError::Qos(_) => "invalid_argument",
+            PortError::Qos(_) | PortError::Addr(_) => "invalid_argument",
             PortError::Dataplane(crate::dataplane::DataplaneError::NoSuchWorker(..)) => {
                 "invalid_argument"
             }
@@ -192,6 +193,12 @@ struct PortAddArgs {
     group: Option<String>,
     #[serde(default)]
     perm: Option<String>,
+    #[serde(default)]
+    trusted: bool,
+    #[serde(default)]
+    guest_mac: Option<MacAddr>,
+    #[serde(default)]
+    ip_map: Vec<IpMapping>,
 }
 
 fn switch_info(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
@@ -232,6 +239,9 @@ fn port_add(sw: &Switch, a: PortAddArgs) -> Result<Value, ControlError> {
         owner: a.owner,
         group: a.group,
         perm: a.perm,
+        trusted: a.trusted,
+        guest_mac: a.guest_mac,
+        ip_map: a.ip_map,
         ..PortSpec::server(&a.name, socket)
     };
     let info = sw.ports().add(spec)?;

@@ -3,6 +3,8 @@
 //! translates for a guest whose own addresses differ (identity mapping), and
 //! moves to another port, by command or by itself when a guest fails.
 //!
+//! - [`addr`]: MACs and IP mappings as the control plane reads and writes
+//!   them, and what makes an address a host's own;
 //! - [`policy`]: what the dataplane enforces on one port, computed from the
 //!   identities bound to it and the port's own options;
 //! - [`frame`]: the per-frame work on a frame's headers: source checks and
@@ -10,6 +12,7 @@
 //! - [`announce`]: the frames that announce an identity where it now lives;
 //! - [`registry`]: identities, their bindings, moves and failover.
 
+pub mod addr;
 pub mod announce;
 pub mod frame;
 pub mod policy;
