@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::disk::DiskSpec;
+use crate::identity::registry::IdentitySpec;
 use crate::port::PortSpec;
 
 /// Version of the saved state format.
@@ -77,6 +78,10 @@ pub struct SwitchState {
     pub disks: Vec<DiskSpec>,
     #[serde(default, rename = "fdb_static")]
     pub fdb_static: Vec<StaticEntry>,
+    /// Identities, in binding order (restored after the ports, in this
+    /// order).
+    #[serde(default, rename = "identity", skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<IdentitySpec>,
 }
 
 fn state_version() -> u32 {
@@ -92,6 +97,7 @@ impl Default for SwitchState {
             ports: Vec::new(),
             disks: Vec::new(),
             fdb_static: Vec::new(),
+            identities: Vec::new(),
         }
     }
 }
@@ -223,6 +229,24 @@ mod tests {
             vlan: 0,
             port: "vm1".into(),
         });
+        state.ports[0].trusted = true;
+        state.ports[0].guest_mac = Some("52:54:00:00:00:02".parse().unwrap());
+        state.ports[0].ip_map = vec!["192.0.2.1=10.0.0.1".parse().unwrap()];
+        let mut web = IdentitySpec::new(
+            "web",
+            "52:54:00:00:00:03".parse().unwrap(),
+            vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()],
+            0,
+        );
+        web.standby = vec!["vm2".into()];
+        web.port = Some("vm1".into());
+        state.identities.push(web);
+        state.identities.push(IdentitySpec::new(
+            "db",
+            "52:54:00:00:00:04".parse().unwrap(),
+            vec!["192.0.2.2".parse().unwrap()],
+            7,
+        ));
         state.save(&path).unwrap();
         assert_eq!(SwitchState::load(&path).unwrap(), Some(state.clone()));
         let toml_path = dir.join("c.toml");
@@ -261,10 +285,27 @@ name = "vm2"
 socket = "/var/lib/qemu/vm2.sock"
 mode = "client"
 vlan = 10
+trusted = true
+guest_mac = "52:54:00:00:00:02"
+ip_map = ["192.0.2.10=10.0.0.5"]
+
+[[identity]]
+name = "web"
+mac = "52:54:00:00:00:10"
+ips = ["192.0.2.10", "2001:db8::10"]
+vlan = 10
+port = "vm2"
+standby = ["vm1"]
 "#;
         let state: SwitchState = toml::from_str(text).unwrap();
         assert_eq!(state.workers, Some(2));
         assert_eq!(state.ports.len(), 2);
         assert_eq!(state.ports[1].vlan, 10);
+        assert!(state.ports[1].trusted && !state.ports[0].trusted);
+        assert_eq!(state.ports[1].ip_map[0].to_string(), "192.0.2.10=10.0.0.5");
+        let web = &state.identities[0];
+        assert_eq!(web.port.as_deref(), Some("vm2"));
+        assert_eq!(web.stall_ms, crate::identity::failover::DEFAULT_STALL_MS);
+        assert_eq!(web.ips.len(), 2);
     }
 }

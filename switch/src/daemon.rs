@@ -1,5 +1,9 @@
-//! The switch as a whole: run directory, dataplane, ports, saved state and
-//! housekeeping.
+//! The switch as a whole: run directory, dataplane, ports, identities
+//! ([`identity`]), saved state and housekeeping.
+
+mod identity;
+
+pub use identity::{IdentityInfo, StandbyInfo};
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -17,6 +21,7 @@ use crate::dataplane::{Dataplane, DataplaneError, WorkerConfig};
 use crate::disk::DiskSpec;
 use crate::events::EventBus;
 use crate::fdb::{Learn, PortIdx};
+use crate::identity::registry::{IdentityError, IdentitySpec, Registry};
 use crate::port::{PortError, PortSpec, PortTable};
 
 /// Most workers.
@@ -52,7 +57,9 @@ pub enum SwitchError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Port(#[from] PortError),
-    #[error("cannot start housekeeping thread: {0}")]
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot start a background thread: {0}")]
     Thread(std::io::Error),
 }
 
@@ -123,6 +130,8 @@ pub fn mac_string(m: &[u8; 6]) -> String {
 pub struct Switch {
     run_dir: PathBuf,
     dp: Arc<Dataplane>,
+    /// Identities and their bindings. Taken before `ports`.
+    identities: Mutex<Registry>,
     ports: Mutex<PortTable>,
     statics: Mutex<Vec<StaticEntry>>,
     /// Saved ports and static entries that could not be brought back at
@@ -135,7 +144,10 @@ pub struct Switch {
     ageing_s: u64,
     /// Serialises writers of the saved state.
     save_lock: Mutex<()>,
-    housekeeping: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    /// Tells the identity monitor about bindings and announcements.
+    notices: Sender<identity::Notice>,
+    /// The housekeeping and identity monitor threads, with what stops each.
+    background: Mutex<Vec<(Sender<()>, JoinHandle<()>)>>,
     /// Holds the run directory's lock for the switch's lifetime.
     _lock: File,
 }
@@ -146,6 +158,7 @@ struct Unrestored {
     ports: Vec<PortSpec>,
     disks: Vec<DiskSpec>,
     statics: Vec<StaticEntry>,
+    identities: Vec<IdentitySpec>,
 }
 
 fn lock_run_dir(dir: &Path) -> Result<File, SwitchError> {
@@ -206,9 +219,12 @@ impl Switch {
             faults_tx,
         )?);
         let events = Arc::new(EventBus::default());
+        let (down_tx, down_rx) = unbounded();
+        let (notices_tx, notices_rx) = unbounded();
         let sw = Arc::new(Switch {
             run_dir: cfg.run_dir,
-            ports: Mutex::new(PortTable::new(dp.clone(), events.clone())),
+            identities: Mutex::new(Registry::default()),
+            ports: Mutex::new(PortTable::new(dp.clone(), events.clone(), down_tx)),
             statics: Mutex::new(Vec::new()),
             unrestored: Mutex::new(Unrestored::default()),
             dp,
@@ -216,16 +232,18 @@ impl Switch {
             started: Instant::now(),
             ageing_s: ageing.as_secs(),
             save_lock: Mutex::new(()),
-            housekeeping: Mutex::new(None),
+            notices: notices_tx,
+            background: Mutex::new(Vec::new()),
             _lock: lock,
         });
-        let (stop_tx, stop_rx) = bounded::<()>(1);
         let hk_sw = Arc::downgrade(&sw);
-        let hk = std::thread::Builder::new()
-            .name("housekeeping".into())
-            .spawn(move || housekeeping(hk_sw, stop_rx, faults_rx))
-            .map_err(SwitchError::Thread)?;
-        *sw.housekeeping.lock().unwrap_or_else(|p| p.into_inner()) = Some((stop_tx, hk));
+        sw.spawn_background("housekeeping", move |stop| {
+            housekeeping(hk_sw, stop, faults_rx)
+        })?;
+        let mon_sw = Arc::downgrade(&sw);
+        sw.spawn_background("identity-monitor", move |stop| {
+            identity::monitor(mon_sw, stop, down_rx, notices_rx)
+        })?;
         sw.restore(&state);
         if from_saved {
             log::info!(
@@ -240,8 +258,27 @@ impl Switch {
         Ok(sw)
     }
 
-    /// Add the ports and static entries of `state`. Failures are logged and
-    /// kept in the saved state (see `unrestored`).
+    /// Start a background thread that runs `f` until the receiver it is
+    /// given fires; [`shutdown`](Self::shutdown) stops and joins it.
+    fn spawn_background(
+        &self,
+        name: &str,
+        f: impl FnOnce(Receiver<()>) + Send + 'static,
+    ) -> Result<(), SwitchError> {
+        let (stop_tx, stop_rx) = bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(stop_rx))
+            .map_err(SwitchError::Thread)?;
+        self.background
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((stop_tx, thread));
+        Ok(())
+    }
+
+    /// Add the ports, static entries and identities of `state`. Failures
+    /// are logged and kept in the saved state (see `unrestored`).
     fn restore(&self, state: &SwitchState) {
         let mut failed = Unrestored::default();
         for spec in &state.ports {
@@ -272,7 +309,10 @@ impl Switch {
                 failed.statics.push(e.clone());
             }
         }
+        failed.identities = self.restore_identities(&state.identities);
         *self.unrestored() = failed;
+        // The monitor looks at what to watch now.
+        let _ = self.notices.send(identity::Notice::Changed);
     }
 
     fn unrestored(&self) -> MutexGuard<'_, Unrestored> {
@@ -330,12 +370,14 @@ impl Switch {
         self.ports().add(spec).map(|_| ())
     }
 
-    /// Add (or replace) a static FDB entry.
+    /// Add (or replace) a static FDB entry, unless an identity has the
+    /// address (its binding decides where it goes).
     pub fn add_static(&self, mac: &str, vlan: u16, port: &str) -> Result<(), SwitchError> {
         let m = parse_mac(mac)?;
         if m[0] & 1 != 0 {
             return Err(SwitchError::MulticastMac(mac.to_string()));
         }
+        self.check_static_free(m, vlan)?;
         let idx = {
             let ports = self.ports();
             let p = ports.get(port)?;
@@ -381,9 +423,12 @@ impl Switch {
 
     /// The running configuration, with what could not be restored.
     pub fn state(&self) -> SwitchState {
-        let (mut ports, mut disks) = {
+        // The identities and the ports of one moment: an identity is never
+        // saved bound to a port that is not saved.
+        let (mut identities, mut ports, mut disks) = {
+            let reg = self.identities();
             let table = self.ports();
-            (table.specs(), table.disk_specs())
+            (reg.specs(), table.specs(), table.disk_specs())
         };
         let mut fdb_static = self.statics().clone();
         {
@@ -391,6 +436,7 @@ impl Switch {
             ports.extend(u.ports.iter().cloned());
             disks.extend(u.disks.iter().cloned());
             fdb_static.extend(u.statics.iter().cloned());
+            identities.extend(u.identities.iter().cloned());
         }
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         disks.sort_by(|a, b| a.name.cmp(&b.name));
@@ -400,6 +446,7 @@ impl Switch {
             ports,
             disks,
             fdb_static,
+            identities,
             ..SwitchState::default()
         }
     }
@@ -423,12 +470,9 @@ impl Switch {
     /// Disconnect every guest and remove every port socket. The saved state
     /// is kept, so the next start brings the ports back.
     pub fn shutdown(&self) {
-        let hk = self
-            .housekeeping
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some((stop, thread)) = hk {
+        let threads =
+            std::mem::take(&mut *self.background.lock().unwrap_or_else(|p| p.into_inner()));
+        for (stop, thread) in threads {
             let _ = stop.send(());
             let _ = thread.join();
         }

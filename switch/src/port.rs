@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -32,6 +33,7 @@ use crate::disk::DiskSpec;
 use crate::events::EventBus;
 use crate::fdb::PortIdx;
 use crate::identity::addr::{check_mappings, AddrError, IpMapping, MacAddr};
+use crate::identity::policy::PortPolicy;
 use crate::qos::{QosError, QosSpec};
 use crate::stats::DiskStats;
 use crate::stats::PortStats;
@@ -511,6 +513,7 @@ struct Session {
     settings: Arc<Mutex<PortSettings>>,
     stop: Arc<EventFd>,
     events: Arc<EventBus>,
+    down: Sender<PortIdx>,
 }
 
 impl Session {
@@ -644,6 +647,10 @@ impl Session {
         self.status.connected.store(false, Ordering::Relaxed);
         self.events
             .emit("port.disconnected", json!({ "port": self.name }));
+        if !stopping {
+            // The guest went away by itself: its identities may fail over.
+            let _ = self.down.send(self.idx);
+        }
         !stopping
     }
 }
@@ -778,14 +785,17 @@ fn peek_backend_channel(sock: &UnixStream) -> Option<UnixStream> {
     }
 }
 
+/// What every session of a table shares.
+struct SessionContext {
+    dp: Arc<Dataplane>,
+    events: Arc<EventBus>,
+    down: Sender<PortIdx>,
+}
+
 /// Bind (server mode) and start the session thread of a port.
-fn start_session(
-    dp: &Arc<Dataplane>,
-    events: &Arc<EventBus>,
-    port: &mut Port,
-) -> Result<(), PortError> {
+fn start_session(ctx: &SessionContext, port: &mut Port) -> Result<(), PortError> {
     let endpoint = prepare_endpoint(&port.spec)?;
-    spawn_session(dp, events, port, endpoint)
+    spawn_session(ctx, port, endpoint)
 }
 
 /// Bind a server-mode socket (with its owner and permissions), or note
@@ -807,8 +817,7 @@ fn prepare_endpoint(spec: &PortSpec) -> Result<Endpoint, PortError> {
 
 /// Start the session thread of a port on a prepared endpoint.
 fn spawn_session(
-    dp: &Arc<Dataplane>,
-    events: &Arc<EventBus>,
+    ctx: &SessionContext,
     port: &mut Port,
     endpoint: Endpoint,
 ) -> Result<(), PortError> {
@@ -828,12 +837,13 @@ fn spawn_session(
                 notifier: d.notifier.clone(),
             },
         },
-        dp: dp.clone(),
+        dp: ctx.dp.clone(),
         stats: port.stats.clone(),
         status: port.status.clone(),
         settings: port.settings.clone(),
         stop: stop.clone(),
-        events: events.clone(),
+        events: ctx.events.clone(),
+        down: ctx.down.clone(),
     };
     let thread = std::thread::Builder::new()
         .name(format!("port-{}", port.spec.name))
@@ -893,6 +903,13 @@ pub struct PortChanges {
     pub ip_map: Option<Vec<IpMapping>>,
 }
 
+impl PortChanges {
+    /// Whether the changes touch what the port's identities' policy reads.
+    pub fn touch_policy(&self) -> bool {
+        self.trusted.is_some() || self.guest_mac.is_some() || self.ip_map.is_some()
+    }
+}
+
 /// A field that may be given as `null`: absent is `None` (the field's
 /// default), present is `Some`, `null` included.
 fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
@@ -905,18 +922,19 @@ where
 
 /// The ports of a switch.
 pub struct PortTable {
-    dp: Arc<Dataplane>,
-    events: Arc<EventBus>,
+    ctx: SessionContext,
     ports: BTreeMap<String, Port>,
     used: Vec<bool>,
     next_worker: usize,
 }
 
 impl PortTable {
-    pub fn new(dp: Arc<Dataplane>, events: Arc<EventBus>) -> Self {
+    /// A table whose sessions report on `down` the ports whose guest went
+    /// away by itself (disconnected, not removed), once the port is
+    /// detached.
+    pub fn new(dp: Arc<Dataplane>, events: Arc<EventBus>, down: Sender<PortIdx>) -> Self {
         PortTable {
-            dp,
-            events,
+            ctx: SessionContext { dp, events, down },
             ports: BTreeMap::new(),
             used: vec![false; MAX_PORTS],
             next_worker: 0,
@@ -924,7 +942,7 @@ impl PortTable {
     }
 
     fn check_worker(&self, w: usize) -> Result<usize, PortError> {
-        let workers = self.dp.worker_count();
+        let workers = self.ctx.dp.worker_count();
         if w >= workers {
             return Err(DataplaneError::NoSuchWorker(w, workers).into());
         }
@@ -933,7 +951,7 @@ impl PortTable {
 
     /// Bind (server mode) and start the session thread of a port.
     fn start_session(&self, port: &mut Port) -> Result<(), PortError> {
-        start_session(&self.dp, &self.events, port)
+        start_session(&self.ctx, port)
     }
 
     /// Create a net port and start serving it.
@@ -996,7 +1014,7 @@ impl PortTable {
         let worker = match spec.worker {
             Some(w) => self.check_worker(w)?,
             None => {
-                let w = self.next_worker % self.dp.worker_count();
+                let w = self.next_worker % self.ctx.dp.worker_count();
                 self.next_worker = self.next_worker.wrapping_add(1);
                 w
             }
@@ -1030,7 +1048,7 @@ impl PortTable {
             port.spec.mode,
             port.spec.socket.display()
         );
-        self.events.emit(
+        self.ctx.events.emit(
             "port.added",
             json!({ "port": port.spec.name, "kind": what }),
         );
@@ -1051,20 +1069,44 @@ impl PortTable {
         if let Kind::Disk(d) = &mut port.kind {
             d.spec.qos = qos;
         }
-        let settings = {
-            let mut s = port.settings.lock().unwrap_or_else(|p| p.into_inner());
-            s.qos = qos;
-            s.clone()
-        };
-        match self.dp.set_settings(port.idx, settings) {
-            Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.update_settings(name, |s| s.qos = qos)?;
         log::info!(
             "{name}: QoS {}",
             serde_json::to_string(&qos).unwrap_or_default()
         );
         Ok(qos)
+    }
+
+    /// Replace the policy a net port enforces for the identities it
+    /// carries (see [`crate::identity`]). It applies between two batches of
+    /// the port's worker, or when its guest attaches.
+    pub fn set_policy(&self, name: &str, policy: Option<PortPolicy>) -> Result<(), PortError> {
+        let policy = policy.map(Arc::new);
+        self.update_settings(name, |s| s.policy = policy)
+    }
+
+    /// Change a port's dataplane settings with `change` and hand them to
+    /// its worker; an unattached port's worker gets them when its guest
+    /// attaches. Nothing is sent when nothing changed.
+    fn update_settings(
+        &self,
+        name: &str,
+        change: impl FnOnce(&mut PortSettings),
+    ) -> Result<(), PortError> {
+        let port = self.get(name)?;
+        let settings = {
+            let mut s = port.settings.lock().unwrap_or_else(|p| p.into_inner());
+            let before = s.clone();
+            change(&mut s);
+            if *s == before {
+                return Ok(());
+            }
+            s.clone()
+        };
+        match self.ctx.dp.set_settings(port.idx, settings) {
+            Ok(()) | Err(DataplaneError::NotAttached(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Change a disk's capacity (see [`crate::blk::Backing::resize`]) and tell
@@ -1091,7 +1133,8 @@ impl PortTable {
                 log::warn!("disk {name}: resized to {size} bytes; cannot notify the guest: {e}")
             }
         }
-        self.events
+        self.ctx
+            .events
             .emit("disk.resized", json!({ "port": name, "size": size }));
         Ok(size)
     }
@@ -1104,10 +1147,12 @@ impl PortTable {
             .remove(name)
             .ok_or_else(|| PortError::NotFound(name.to_string()))?;
         port.shutdown();
-        self.dp.fdb().flush_port(port.idx, true);
+        self.ctx.dp.fdb().flush_port(port.idx, true);
         self.used[usize::from(port.idx)] = false;
         log::info!("port {name} removed");
-        self.events.emit("port.removed", json!({ "port": name }));
+        self.ctx
+            .events
+            .emit("port.removed", json!({ "port": name }));
         Ok(())
     }
 
@@ -1182,23 +1227,23 @@ impl PortTable {
             };
             port.shutdown();
             let previous = std::mem::replace(&mut port.spec, spec.clone());
-            if let Err(e) = spawn_session(&self.dp, &self.events, port, endpoint) {
+            if let Err(e) = spawn_session(&self.ctx, port, endpoint) {
                 port.spec = previous;
                 if let Ok(mut s) = port.settings.lock() {
                     *s = old_settings;
                 }
-                if let Err(e2) = start_session(&self.dp, &self.events, port) {
+                if let Err(e2) = start_session(&self.ctx, port) {
                     log::error!("port {name}: cannot restart with its old settings either: {e2}");
                 }
                 return Err(e);
             }
         }
-        match self.dp.set_settings(idx, settings) {
+        match self.ctx.dp.set_settings(idx, settings) {
             Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
             Err(e) => return Err(e.into()),
         }
         if vlan_changed {
-            self.dp.fdb().flush_port(idx, false);
+            self.ctx.dp.fdb().flush_port(idx, false);
         }
         if let Some(port) = self.ports.get_mut(name) {
             port.spec = PortSpec {
@@ -1226,7 +1271,7 @@ impl PortTable {
         }
         port.worker.store(worker, Ordering::Relaxed);
         port.spec.worker = Some(worker);
-        match self.dp.move_port(port.idx, worker) {
+        match self.ctx.dp.move_port(port.idx, worker) {
             // Not connected: it attaches to the new worker when it connects.
             Ok(()) | Err(DataplaneError::NotAttached(_)) => {}
             Err(e) => return Err(e.into()),
@@ -1237,7 +1282,7 @@ impl PortTable {
 
     /// Spread ports over the workers so that their counts differ by at most one.
     pub fn rebalance(&mut self) -> Result<usize, PortError> {
-        let workers = self.dp.worker_count();
+        let workers = self.ctx.dp.worker_count();
         let mut moved = 0;
         loop {
             let mut count = vec![0usize; workers];

@@ -10,7 +10,9 @@ use super::{ControlError, PROTOCOL_VERSION};
 use crate::config::ConfigError;
 use crate::daemon::{mac_string, Switch, SwitchError};
 use crate::disk::DiskSpec;
-use crate::identity::addr::{IpMapping, MacAddr};
+use crate::identity::addr::{host_ip, IpMapping, MacAddr};
+use crate::identity::failover::DEFAULT_STALL_MS;
+use crate::identity::registry::{IdentityError, IdentitySpec};
 use crate::port::{Port, PortChanges, PortError, PortMode, PortSpec, PortTable};
 use crate::qos::{QosError, QosSpec};
 use crate::stats::DropReason;
@@ -43,6 +45,14 @@ pub const COMMANDS: &[&str] = &[
     "worker.rebalance",
     "config.show",
     "config.save",
+    "identity.add",
+    "identity.del",
+    "identity.list",
+    "identity.show",
+    "identity.bind",
+    "identity.unbind",
+    "identity.move",
+    "identity.set",
     "events.subscribe",
 ];
 
@@ -63,6 +73,8 @@ pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlErr
         "worker.list" => return worker_list(sw, parse(args)?),
         "config.show" => return config_show(sw, parse(args)?),
         "config.save" => return config_save(sw, parse(args)?),
+        "identity.list" => return identity_list(sw, parse(args)?),
+        "identity.show" => return identity_show(sw, parse(args)?),
         "port.add" => port_add(sw, parse(args)?),
         "port.del" => port_del(sw, parse(args)?),
         "port.set" => port_set(sw, parse(args)?),
@@ -75,6 +87,12 @@ pub fn dispatch(sw: &Switch, cmd: &str, args: Value) -> Result<Value, ControlErr
         "fdb.del" => fdb_del(sw, parse(args)?),
         "worker.move" => worker_move(sw, parse(args)?),
         "worker.rebalance" => worker_rebalance(sw, parse(args)?),
+        "identity.add" => identity_add(sw, parse(args)?),
+        "identity.del" => identity_del(sw, parse(args)?),
+        "identity.bind" => identity_bind(sw, parse(args)?),
+        "identity.unbind" => identity_unbind(sw, parse(args)?),
+        "identity.move" => identity_move(sw, parse(args)?),
+        "identity.set" => identity_set(sw, parse(args)?),
         _ => {
             return Err(ControlError::new(
                 "unknown_command",
@@ -159,9 +177,39 @@ impl From<SwitchError> for ControlError {
                 ControlError::new("invalid_argument", e.to_string())
             }
             SwitchError::NoStatic(..) => ControlError::new("not_found", e.to_string()),
+            SwitchError::Identity(i) => i.into(),
             SwitchError::FdbFull => ControlError::new("limit", e.to_string()),
             other => ControlError::new("internal", other.to_string()),
         }
+    }
+}
+
+impl From<IdentityError> for ControlError {
+    fn from(e: IdentityError) -> Self {
+        let code = match &e {
+            IdentityError::InvalidName(_)
+            | IdentityError::Addr(_)
+            | IdentityError::NoIps
+            | IdentityError::TooManyIps(_)
+            | IdentityError::IpTwice(_)
+            | IdentityError::BadVlan(_)
+            | IdentityError::BadStall(_)
+            | IdentityError::TooManyStandby(_)
+            | IdentityError::StandbyTwice(_) => "invalid_argument",
+            IdentityError::Exists(_) => "exists",
+            IdentityError::NotFound(_) | IdentityError::NoPort(_) => "not_found",
+            IdentityError::TooMany | IdentityError::FdbFull(_) => "limit",
+            IdentityError::NotNet(_) => "wrong_kind",
+            IdentityError::MacTaken { .. }
+            | IdentityError::IpTaken { .. }
+            | IdentityError::VlanMismatch { .. }
+            | IdentityError::Bound(..)
+            | IdentityError::NotBound(_)
+            | IdentityError::PortInUse { .. }
+            | IdentityError::StaticEntry { .. }
+            | IdentityError::OwnedMac { .. } => "conflict",
+        };
+        ControlError::new(code, e.to_string())
     }
 }
 
@@ -218,7 +266,8 @@ fn switch_info(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
             "persistence",
             "events",
             "access-control",
-            "qos"
+            "qos",
+            "identity"
         ],
         "commands": super::commands::COMMANDS,
     }))
@@ -258,16 +307,12 @@ fn net_port(ports: &PortTable, name: &str) -> Result<(), PortError> {
 }
 
 fn port_del(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
-    if !sw.is_unrestored(&a.name) {
-        net_port(&sw.ports(), &a.name)?;
-    }
     if sw.is_unrestored(&a.name) {
         // A saved port that could not be restored: forget it.
         sw.settle_port_name(&a.name);
         return Ok(json!({}));
     }
-    sw.ports().remove(&a.name)?;
-    sw.forget_statics_of(&a.name);
+    sw.remove_port(&a.name)?;
     Ok(json!({}))
 }
 
@@ -280,9 +325,7 @@ struct PortSetArgs {
 }
 
 fn port_set(sw: &Switch, a: PortSetArgs) -> Result<Value, ControlError> {
-    let mut ports = sw.ports();
-    net_port(&ports, &a.name)?;
-    Ok(json!(ports.set(&a.name, a.changes)?))
+    Ok(json!(sw.set_port(&a.name, a.changes)?))
 }
 
 fn port_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
@@ -816,4 +859,88 @@ fn config_save(sw: &Switch, a: ConfigSaveArgs) -> Result<Value, ControlError> {
             Ok(json!({ "path": path }))
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityAddArgs {
+    name: String,
+    mac: String,
+    ips: Vec<String>,
+    #[serde(default)]
+    vlan: u16,
+    #[serde(default)]
+    standby: Vec<String>,
+    #[serde(default)]
+    stall_ms: Option<u64>,
+}
+
+fn identity_add(sw: &Switch, a: IdentityAddArgs) -> Result<Value, ControlError> {
+    let mac: MacAddr = a.mac.parse().map_err(IdentityError::from)?;
+    let ips = a
+        .ips
+        .iter()
+        .map(|s| host_ip(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(IdentityError::from)?;
+    let spec = IdentitySpec {
+        standby: a.standby,
+        stall_ms: a.stall_ms.unwrap_or(DEFAULT_STALL_MS),
+        ..IdentitySpec::new(&a.name, mac, ips, a.vlan)
+    };
+    Ok(json!(sw.identity_add(spec)?))
+}
+
+fn identity_del(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    sw.identity_del(&a.name)?;
+    Ok(json!({}))
+}
+
+fn identity_list(sw: &Switch, _: NoArgs) -> Result<Value, ControlError> {
+    Ok(json!(sw.identity_list()))
+}
+
+fn identity_show(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    Ok(json!(sw.identity_show(&a.name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityBindArgs {
+    name: String,
+    port: String,
+}
+
+fn identity_bind(sw: &Switch, a: IdentityBindArgs) -> Result<Value, ControlError> {
+    Ok(json!(sw.identity_bind(&a.name, &a.port)?))
+}
+
+fn identity_unbind(sw: &Switch, a: NameArg) -> Result<Value, ControlError> {
+    Ok(json!(sw.identity_unbind(&a.name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityMoveArgs {
+    name: String,
+    to: String,
+}
+
+fn identity_move(sw: &Switch, a: IdentityMoveArgs) -> Result<Value, ControlError> {
+    Ok(json!(sw.identity_move(&a.name, &a.to)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentitySetArgs {
+    name: String,
+    /// Replaces the standby list; `[]` empties it.
+    #[serde(default)]
+    standby: Option<Vec<String>>,
+    #[serde(default)]
+    stall_ms: Option<u64>,
+}
+
+fn identity_set(sw: &Switch, a: IdentitySetArgs) -> Result<Value, ControlError> {
+    Ok(json!(sw.identity_set(&a.name, a.standby, a.stall_ms)?))
 }

@@ -10,10 +10,16 @@
 //! - [`frame`]: the per-frame work on a frame's headers: source checks and
 //!   the rewrites of identity mapping, with their checksum fix-ups;
 //! - [`announce`]: the frames that announce an identity where it now lives;
-//! - [`registry`]: identities, their bindings, moves and failover.
+//! - [`registry`]: identities, their bindings, the rules they keep, and each
+//!   port's policy;
+//! - [`failover`]: when an identity leaves its port by itself, and for
+//!   which standby.
+//!
+//! The switch applies bindings, moves and failovers (`daemon::identity`).
 
 pub mod addr;
 pub mod announce;
+pub mod failover;
 pub mod frame;
 pub mod policy;
 pub mod registry;
