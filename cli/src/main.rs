@@ -28,6 +28,9 @@ use serde_json::{json, Value};
 ///   vioctl disk stats d0
 ///   vioctl qos set vm1 --ingress-rate 100M --ingress-mode shape
 ///   vioctl qos set d0 --read-iops 2000 --write-bps 50M
+///   vioctl identity add web --mac 52:54:00:00:00:10 --ip 192.0.2.10 --standby vm2
+///   vioctl identity bind web vm1
+///   vioctl identity move web --to vm2
 ///   vioctl --json port list
 ///   vioctl monitor
 ///
@@ -100,6 +103,28 @@ enum Cmd {
     ///   vioctl qos clear d0              # all of it
     #[command(subcommand, verbatim_doc_comment)]
     Qos(QosCmd),
+    /// Network identities: a MAC and IP addresses bound to a port, enforced
+    /// on it, and moved to another port by command or when its guest fails
+    ///
+    /// An identity is bound to at most one port; a port carries any number.
+    /// The port then only sends from the identities' addresses (unless it is
+    /// trusted), and a guest whose own MAC or addresses differ is translated
+    /// (port options --guest-mac and --map-ip). A move points the MAC at the
+    /// new port and announces it there (gratuitous ARP, unsolicited
+    /// neighbour advertisement, RARP). With standby ports, the identity
+    /// moves by itself to the first healthy one when its guest disconnects
+    /// or stops taking frames for --stall-ms.
+    ///
+    /// Examples:
+    ///   vioctl identity add web --mac 52:54:00:00:00:10 --ip 192.0.2.10 --ip 2001:db8::10
+    ///   vioctl identity bind web vm1
+    ///   vioctl identity set web --standby vm2 --standby vm3 --stall-ms 500
+    ///   vioctl identity move web --to vm2
+    ///   vioctl identity list
+    ///   vioctl identity show web
+    ///   vioctl port set vm2 --guest-mac 52:54:00:00:00:22 --map-ip 192.0.2.10=10.0.0.2
+    #[command(subcommand, verbatim_doc_comment)]
+    Identity(IdentityCmd),
     /// Show or flush the MAC learning table.
     #[command(subcommand)]
     Fdb(FdbCmd),
@@ -110,7 +135,8 @@ enum Cmd {
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Print the switch's events (ports and disks added, connected, broken,
-    /// disks resized, ...) as they happen.
+    /// disks resized, identities bound and moved, failovers, ...) as they
+    /// happen.
     Monitor,
     /// Print a shell completion script, e.g. `vioctl completions bash > /etc/bash_completion.d/vioctl`.
     Completions { shell: clap_complete::Shell },
@@ -139,6 +165,15 @@ enum PortCmd {
         /// MTU: larger frames are dropped [default: no limit but the switch's 16 KiB frames].
         #[arg(long)]
         mtu: Option<u16>,
+        /// No source checks on the identities the port carries (a router or an uplink).
+        #[arg(long)]
+        trusted: bool,
+        /// The guest's own MAC, when it differs from its identity's [default: learnt].
+        #[arg(long, value_name = "MAC")]
+        guest_mac: Option<String>,
+        /// Translate an identity's address to the guest's own (repeatable).
+        #[arg(long = "map-ip", value_name = "IDENTITY_IP=GUEST_IP")]
+        map_ip: Vec<String>,
         #[command(flatten)]
         endpoint: Endpoint,
     },
@@ -157,6 +192,28 @@ enum PortCmd {
         mode: Option<Mode>,
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// No source checks on the identities the port carries.
+        #[arg(long, conflicts_with = "untrusted")]
+        trusted: bool,
+        /// Check sources again.
+        #[arg(long)]
+        untrusted: bool,
+        /// The guest's own MAC, when it differs from its identity's.
+        #[arg(long, value_name = "MAC", conflicts_with = "no_guest_mac")]
+        guest_mac: Option<String>,
+        /// Learn the guest's MAC from its frames again.
+        #[arg(long)]
+        no_guest_mac: bool,
+        /// Replace the port's address translations (repeatable).
+        #[arg(
+            long = "map-ip",
+            value_name = "IDENTITY_IP=GUEST_IP",
+            conflicts_with = "no_map_ip"
+        )]
+        map_ip: Vec<String>,
+        /// Remove every address translation.
+        #[arg(long)]
+        no_map_ip: bool,
     },
     /// Remove a port, disconnecting its guest.
     Del { name: String },
@@ -591,6 +648,60 @@ impl clap::Args for QosLimits {
 }
 
 #[derive(Subcommand, Debug)]
+enum IdentityCmd {
+    /// Add an identity, unbound: a MAC and its IP addresses, in a VLAN.
+    Add {
+        /// 1-64 of A-Z a-z 0-9 - _ .
+        name: String,
+        /// Its MAC (unicast).
+        #[arg(long)]
+        mac: String,
+        /// An IPv4 or IPv6 address of it (repeatable; at least one).
+        #[arg(long = "ip", required = true, value_name = "IP")]
+        ips: Vec<String>,
+        /// Its VLAN; the ports it is bound to and its standbys are in it [default: 0].
+        #[arg(long)]
+        vlan: Option<u16>,
+        /// A port to fail over to, in order of preference (repeatable).
+        #[arg(long, value_name = "PORT")]
+        standby: Vec<String>,
+        /// Fail over when the guest's RX ring has taken nothing for this
+        /// long while frames came for it; 0: only on disconnect [default: 1000].
+        #[arg(long, value_name = "MS")]
+        stall_ms: Option<u64>,
+    },
+    /// Remove an identity (unbinding it first).
+    Del { name: String },
+    /// List identities with their ports and standbys' health.
+    List,
+    /// Show an identity.
+    Show { name: String },
+    /// Bind an unbound identity to a port and announce it there.
+    Bind { name: String, port: String },
+    /// Unbind an identity: its port no longer carries it.
+    Unbind { name: String },
+    /// Move a bound identity to another port and announce it there.
+    Move {
+        name: String,
+        #[arg(long, value_name = "PORT")]
+        to: String,
+    },
+    /// Change an identity's standby ports or stall time.
+    Set {
+        name: String,
+        /// Replace the standby ports, in order of preference (repeatable).
+        #[arg(long, value_name = "PORT", conflicts_with = "no_standby")]
+        standby: Vec<String>,
+        /// Remove every standby port.
+        #[arg(long)]
+        no_standby: bool,
+        /// See `identity add`; 0: only on disconnect.
+        #[arg(long, value_name = "MS")]
+        stall_ms: Option<u64>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum FdbCmd {
     /// List learnt MAC addresses.
     Show {
@@ -686,6 +797,9 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
                 queues,
                 vlan,
                 mtu,
+                trusted,
+                guest_mac,
+                map_ip,
                 endpoint,
             } => (
                 "port.add",
@@ -695,6 +809,9 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
                         ("queues", queues.map(|v| json!(v))),
                         ("vlan", vlan.map(|v| json!(v))),
                         ("mtu", mtu.map(|v| json!(v))),
+                        ("trusted", trusted.then_some(json!(true))),
+                        ("guest_mac", guest_mac.as_ref().map(|v| json!(v))),
+                        ("ip_map", (!map_ip.is_empty()).then(|| json!(map_ip))),
                     ],
                 ),
             ),
@@ -705,6 +822,12 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
                 worker,
                 mode,
                 socket,
+                trusted,
+                untrusted,
+                guest_mac,
+                no_guest_mac,
+                map_ip,
+                no_map_ip,
             } => (
                 "port.set",
                 with_opts(
@@ -715,6 +838,23 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
                         ("worker", worker.map(|v| json!(v))),
                         ("mode", mode.map(|m| json!(m.as_str()))),
                         ("socket", socket.as_ref().map(|v| json!(v))),
+                        ("trusted", flag(*trusted, *untrusted)),
+                        (
+                            "guest_mac",
+                            replace_or_clear(
+                                guest_mac.as_ref().map(|v| json!(v)),
+                                *no_guest_mac,
+                                Value::Null,
+                            ),
+                        ),
+                        (
+                            "ip_map",
+                            replace_or_clear(
+                                (!map_ip.is_empty()).then(|| json!(map_ip)),
+                                *no_map_ip,
+                                json!([]),
+                            ),
+                        ),
                     ],
                 ),
             ),
@@ -782,6 +922,56 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
                 ("qos.clear", json!({ "name": name, "fields": fields }))
             }
         },
+        Cmd::Identity(i) => match i {
+            IdentityCmd::Add {
+                name,
+                mac,
+                ips,
+                vlan,
+                standby,
+                stall_ms,
+            } => (
+                "identity.add",
+                with_opts(
+                    json!({ "name": name, "mac": mac, "ips": ips }),
+                    &[
+                        ("vlan", vlan.map(|v| json!(v))),
+                        ("standby", (!standby.is_empty()).then(|| json!(standby))),
+                        ("stall_ms", stall_ms.map(|v| json!(v))),
+                    ],
+                ),
+            ),
+            IdentityCmd::Del { name } => ("identity.del", json!({ "name": name })),
+            IdentityCmd::List => ("identity.list", json!({})),
+            IdentityCmd::Show { name } => ("identity.show", json!({ "name": name })),
+            IdentityCmd::Bind { name, port } => {
+                ("identity.bind", json!({ "name": name, "port": port }))
+            }
+            IdentityCmd::Unbind { name } => ("identity.unbind", json!({ "name": name })),
+            IdentityCmd::Move { name, to } => ("identity.move", json!({ "name": name, "to": to })),
+            IdentityCmd::Set {
+                name,
+                standby,
+                no_standby,
+                stall_ms,
+            } => (
+                "identity.set",
+                with_opts(
+                    json!({ "name": name }),
+                    &[
+                        (
+                            "standby",
+                            replace_or_clear(
+                                (!standby.is_empty()).then(|| json!(standby)),
+                                *no_standby,
+                                json!([]),
+                            ),
+                        ),
+                        ("stall_ms", stall_ms.map(|v| json!(v))),
+                    ],
+                ),
+            ),
+        },
         Cmd::Fdb(f) => match f {
             FdbCmd::Show { port } => ("fdb.show", opt_port(port)),
             FdbCmd::Flush { port } => ("fdb.flush", opt_port(port)),
@@ -812,6 +1002,20 @@ fn request(cmd: &Cmd) -> Result<(String, Value), String> {
         }
     };
     Ok((r.0.to_string(), r.1))
+}
+
+/// `true` for `--on`, `false` for `--off`, nothing for neither.
+fn flag(on: bool, off: bool) -> Option<Value> {
+    match (on, off) {
+        (true, _) => Some(json!(true)),
+        (_, true) => Some(json!(false)),
+        _ => None,
+    }
+}
+
+/// A new value, or `cleared` for `--no-...`, or nothing for neither.
+fn replace_or_clear(value: Option<Value>, clear: bool, cleared: Value) -> Option<Value> {
+    value.or(clear.then_some(cleared))
 }
 
 /// `{key: value}`, or `{}` without a value.
@@ -1178,6 +1382,57 @@ fn print_lines(lines: Vec<String>) {
     }
 }
 
+/// An identity's standbys (`[{"port", "health"}]`) for people:
+/// `vm2 (healthy), vm3 (disconnected)`.
+fn standby_cell(standby: &Value) -> String {
+    let list: Vec<String> = rows(standby)
+        .iter()
+        .map(|s| format!("{} ({})", cell(&s["port"]), cell(&s["health"])))
+        .collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(", ")
+    }
+}
+
+/// An identity's port with its health: `vm1 (healthy)`, or `-`.
+fn bound_cell(i: &Value) -> String {
+    match i["port"].as_str() {
+        Some(p) => format!("{p} ({})", cell(&i["health"])),
+        None => "-".into(),
+    }
+}
+
+/// An `identity.list` entry as the table shows it.
+fn identity_row(i: &Value) -> Value {
+    let mut r = i.clone();
+    r["port"] = json!(bound_cell(i));
+    r["standby"] = json!(standby_cell(&i["standby"]));
+    r
+}
+
+/// An identity (`identity.show` and the commands that change one) as lines.
+fn identity_lines(i: &Value) -> Vec<String> {
+    let ips: Vec<String> = rows(&i["ips"]).iter().map(cell).collect();
+    let mut lines = vec![
+        format!("{:<9} {}", "name", cell(&i["name"])),
+        format!("{:<9} {}", "mac", cell(&i["mac"])),
+        format!("{:<9} {}", "ips", ips.join(", ")),
+        format!("{:<9} {}", "vlan", cell(&i["vlan"])),
+        format!("{:<9} {}", "port", bound_cell(i)),
+        format!("{:<9} {}", "standby", standby_cell(&i["standby"])),
+        format!("{:<9} {}", "stall_ms", cell(&i["stall_ms"])),
+    ];
+    if let Some(why) = i["failover_pending"].as_str() {
+        lines.push(format!(
+            "{:<9} pending ({why}): no standby is healthy",
+            "failover"
+        ));
+    }
+    lines
+}
+
 /// A disk's `size` for people: `64 MiB`, with the bytes too if `exact`.
 fn disk_size(d: &Value, exact: bool) -> Value {
     match d["size"].as_u64() {
@@ -1255,6 +1510,12 @@ fn print_human(cmd: &Cmd, result: &Value) {
                 print_lines(qos_entry_lines(e));
             }
         }
+        Cmd::Identity(IdentityCmd::List) => table(
+            &rows(result).iter().map(identity_row).collect::<Vec<_>>(),
+            &["name", "mac", "vlan", "ips", "port", "standby", "stall_ms"],
+        ),
+        Cmd::Identity(IdentityCmd::Del { name }) => println!("identity {name} removed"),
+        Cmd::Identity(_) => print_lines(identity_lines(result)),
         Cmd::Fdb(FdbCmd::Show { .. }) => {
             table(rows(result), &["mac", "vlan", "port", "age_s", "static"])
         }
@@ -1321,28 +1582,35 @@ fn monitor(sock: &PathBuf, json_out: bool) -> ExitCode {
             println!("{line}");
             continue;
         }
-        let Ok(ev) = serde_json::from_str::<Value>(&line) else {
-            continue;
-        };
-        let mut rest: Vec<String> = ev
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter(|(k, _)| *k != "event" && *k != "time")
-                    .map(|(k, v)| format!("{k}={}", cell(v)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        rest.sort();
-        println!(
-            "{:.3}  {:<18} {}",
-            ev["time"].as_f64().unwrap_or_default(),
-            cell(&ev["event"]),
-            rest.join(" ")
-        );
+        if let Ok(ev) = serde_json::from_str::<Value>(&line) {
+            println!("{}", event_line(&ev));
+        }
     }
     eprintln!("vioctl: the switch closed the event stream");
     ExitCode::from(2)
+}
+
+/// An event for people: time, name, then its fields as `key=value`, by key.
+fn event_line(ev: &Value) -> String {
+    let mut rest: Vec<String> = ev
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| *k != "event" && *k != "time")
+                .map(|(k, v)| match k.as_str() {
+                    "standby" => format!("{k}={}", standby_cell(v).replace(' ', "")),
+                    _ => format!("{k}={}", cell(v)),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    rest.sort();
+    format!(
+        "{:.3}  {:<24} {}",
+        ev["time"].as_f64().unwrap_or_default(),
+        cell(&ev["event"]),
+        rest.join(" ")
+    )
 }
 
 fn main() -> ExitCode {
@@ -1580,6 +1848,240 @@ mod tests {
         assert_eq!(
             req(&["fdb", "show", "--port", "vm1"]),
             ("fdb.show".into(), json!({ "port": "vm1" }))
+        );
+    }
+
+    #[test]
+    fn identity_commands_send_what_is_given() {
+        assert_eq!(
+            req(&[
+                "identity",
+                "add",
+                "web",
+                "--mac",
+                "52:54:00:00:00:10",
+                "--ip",
+                "192.0.2.10"
+            ]),
+            (
+                "identity.add".into(),
+                json!({ "name": "web", "mac": "52:54:00:00:00:10", "ips": ["192.0.2.10"] })
+            )
+        );
+        assert_eq!(
+            req(&[
+                "identity",
+                "add",
+                "web",
+                "--mac",
+                "52:54:00:00:00:10",
+                "--ip",
+                "192.0.2.10",
+                "--ip",
+                "2001:db8::10",
+                "--vlan",
+                "10",
+                "--standby",
+                "b",
+                "--standby",
+                "a",
+                "--stall-ms",
+                "200",
+            ])
+            .1,
+            json!({
+                "name": "web", "mac": "52:54:00:00:00:10", "ips": ["192.0.2.10", "2001:db8::10"],
+                "vlan": 10, "standby": ["b", "a"], "stall_ms": 200,
+            })
+        );
+        assert_eq!(
+            req(&["identity", "bind", "web", "vm1"]),
+            (
+                "identity.bind".into(),
+                json!({ "name": "web", "port": "vm1" })
+            )
+        );
+        assert_eq!(
+            req(&["identity", "move", "web", "--to", "vm2"]),
+            (
+                "identity.move".into(),
+                json!({ "name": "web", "to": "vm2" })
+            )
+        );
+        for (cmd, argv) in [
+            ("identity.del", &["identity", "del", "web"][..]),
+            ("identity.show", &["identity", "show", "web"]),
+            ("identity.unbind", &["identity", "unbind", "web"]),
+        ] {
+            assert_eq!(req(argv), (cmd.into(), json!({ "name": "web" })));
+        }
+        assert_eq!(
+            req(&["identity", "list"]),
+            ("identity.list".into(), json!({}))
+        );
+        assert_eq!(
+            req(&[
+                "identity",
+                "set",
+                "web",
+                "--standby",
+                "c",
+                "--stall-ms",
+                "0"
+            ]),
+            (
+                "identity.set".into(),
+                json!({ "name": "web", "standby": ["c"], "stall_ms": 0 })
+            )
+        );
+        assert_eq!(
+            req(&["identity", "set", "web", "--no-standby"]).1,
+            json!({ "name": "web", "standby": [] })
+        );
+        assert_eq!(req(&["identity", "set", "web"]).1, json!({ "name": "web" }));
+        for bad in [
+            &["identity", "add", "web", "--mac", "52:54:00:00:00:10"][..],
+            &["identity", "add", "web", "--ip", "192.0.2.1"],
+            &["identity", "move", "web", "vm2"],
+            &["identity", "bind", "web"],
+            &["identity", "set", "web", "--standby", "a", "--no-standby"],
+            &["identity", "set", "web", "--stall-ms", "-1"],
+        ] {
+            assert!(refused(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn port_identity_options() {
+        assert_eq!(
+            req(&[
+                "port",
+                "add",
+                "r1",
+                "--trusted",
+                "--guest-mac",
+                "52:54:00:00:00:22",
+                "--map-ip",
+                "192.0.2.10=10.0.0.2",
+                "--map-ip",
+                "192.0.2.11=10.0.0.3",
+            ])
+            .1,
+            json!({
+                "name": "r1", "trusted": true, "guest_mac": "52:54:00:00:00:22",
+                "ip_map": ["192.0.2.10=10.0.0.2", "192.0.2.11=10.0.0.3"],
+            })
+        );
+        assert_eq!(
+            req(&[
+                "port",
+                "set",
+                "r1",
+                "--untrusted",
+                "--no-guest-mac",
+                "--no-map-ip"
+            ])
+            .1,
+            json!({ "name": "r1", "trusted": false, "guest_mac": null, "ip_map": [] })
+        );
+        assert_eq!(
+            req(&[
+                "port",
+                "set",
+                "r1",
+                "--trusted",
+                "--map-ip",
+                "192.0.2.10=10.0.0.2"
+            ])
+            .1,
+            json!({ "name": "r1", "trusted": true, "ip_map": ["192.0.2.10=10.0.0.2"] })
+        );
+        assert_eq!(req(&["port", "set", "r1"]).1, json!({ "name": "r1" }));
+        for bad in [
+            &["port", "set", "r1", "--trusted", "--untrusted"][..],
+            &[
+                "port",
+                "set",
+                "r1",
+                "--guest-mac",
+                "52:54:00:00:00:22",
+                "--no-guest-mac",
+            ],
+            &["port", "set", "r1", "--map-ip", "a=b", "--no-map-ip"],
+        ] {
+            assert!(refused(bad), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn identities_are_readable() {
+        let web = json!({
+            "name": "web", "mac": "52:54:00:00:00:10", "ips": ["192.0.2.10", "2001:db8::10"],
+            "vlan": 0, "port": "vm1", "health": "healthy", "stall_ms": 1000,
+            "standby": [{ "port": "vm2", "health": "healthy" }, { "port": "vm3", "health": "disconnected" }],
+            "failover_pending": null,
+        });
+        assert_eq!(
+            identity_lines(&web),
+            [
+                "name      web",
+                "mac       52:54:00:00:00:10",
+                "ips       192.0.2.10, 2001:db8::10",
+                "vlan      0",
+                "port      vm1 (healthy)",
+                "standby   vm2 (healthy), vm3 (disconnected)",
+                "stall_ms  1000",
+            ]
+        );
+        let db = json!({
+            "name": "db", "mac": "52:54:00:00:00:11", "ips": ["192.0.2.11"], "vlan": 5,
+            "port": "vm4", "health": "disconnected", "stall_ms": 0,
+            "standby": [{ "port": "vm5", "health": "broken" }], "failover_pending": "disconnected",
+        });
+        assert_eq!(
+            identity_lines(&db).last().unwrap(),
+            "failover  pending (disconnected): no standby is healthy"
+        );
+        let spare = json!({
+            "name": "spare", "mac": "52:54:00:00:00:12", "ips": ["192.0.2.12"], "vlan": 0,
+            "port": null, "health": null, "stall_ms": 1000, "standby": [], "failover_pending": null,
+        });
+        let rows: Vec<Value> = [web, spare].iter().map(identity_row).collect();
+        assert_eq!(
+            table_lines(&rows, &["name", "port", "standby"]),
+            [
+                "NAME   PORT           STANDBY",
+                "web    vm1 (healthy)  vm2 (healthy), vm3 (disconnected)",
+                "spare  -              -",
+            ]
+        );
+    }
+
+    #[test]
+    fn identity_events_are_readable() {
+        let moved = json!({
+            "event": "identity.moved", "time": 1.5, "identity": "web",
+            "from": "vm1", "to": "vm2", "reason": "disconnected",
+        });
+        assert_eq!(
+            event_line(&moved),
+            "1.500  identity.moved           from=vm1 identity=web reason=disconnected to=vm2"
+        );
+        let failed = json!({
+            "event": "identity.failover_failed", "time": 2.0, "identity": "web", "port": "vm1",
+            "reason": "rx_stalled",
+            "standby": [{ "port": "vm2", "health": "disconnected" }, { "port": "vm3", "health": "broken" }],
+        });
+        assert_eq!(
+            event_line(&failed),
+            "2.000  identity.failover_failed identity=web port=vm1 reason=rx_stalled \
+             standby=vm2(disconnected),vm3(broken)"
+        );
+        assert_eq!(
+            event_line(
+                &json!({ "event": "port.added", "time": 0.25, "port": "vm1", "kind": "port" })
+            ),
+            "0.250  port.added               kind=port port=vm1"
         );
     }
 
