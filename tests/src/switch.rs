@@ -302,3 +302,81 @@ impl ControlClient {
         }
     }
 }
+
+/// A control connection subscribed to the switch's events
+/// (`events.subscribe`).
+pub struct EventStream {
+    conn: UnixStream,
+    /// Bytes of a line not yet complete.
+    partial: Vec<u8>,
+}
+
+impl EventStream {
+    /// Subscribe on the control socket at `path`.
+    pub fn subscribe(path: &Path) -> Result<Self, HarnessError> {
+        let mut conn = UnixStream::connect(path)?;
+        writeln!(conn, "{}", json!({ "id": 1, "cmd": "events.subscribe" }))?;
+        let mut s = EventStream {
+            conn,
+            partial: Vec::new(),
+        };
+        match s.next_within(Duration::from_secs(30))? {
+            Some(a) if a["ok"] == json!(true) => Ok(s),
+            other => Err(HarnessError::Command {
+                cmd: "events.subscribe".into(),
+                error: other.unwrap_or(Value::Null),
+            }),
+        }
+    }
+
+    /// The next line (an event), or `None` if none is complete within
+    /// `timeout`.
+    pub fn next_within(&mut self, timeout: Duration) -> Result<Option<Value>, HarnessError> {
+        use std::io::Read;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.partial.drain(..=nl).collect();
+                return Ok(Some(serde_json::from_slice(&line)?));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.conn.set_read_timeout(Some(left))?;
+            let mut buf = [0u8; 4096];
+            match self.conn.read(&mut buf) {
+                Ok(0) => {
+                    return Err(HarnessError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the event stream ended",
+                    )))
+                }
+                Ok(n) => self.partial.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The first event named `name` for which `pred` holds, skipping
+    /// others, waiting up to `timeout`.
+    pub fn find(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Option<Value>, HarnessError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left)? {
+                Some(e) if e["event"] == name && pred(&e) => return Ok(Some(e)),
+                Some(_) => {}
+                None => return Ok(None),
+            }
+        }
+    }
+}
