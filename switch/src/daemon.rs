@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, unbounded, Receiver, Sender};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::config::{ConfigError, StaticEntry, SwitchState, STATE_FILE};
 use crate::dataplane::{Dataplane, DataplaneError, WorkerConfig};
@@ -132,6 +132,11 @@ pub struct Switch {
     dp: Arc<Dataplane>,
     /// Identities and their bindings. Taken before `ports`.
     identities: Mutex<Registry>,
+    /// Events of identity changes not saved yet, queued with the registry
+    /// held: [`save`](Self::save) sends them once the state that holds
+    /// their change is on disk. Every change of identities is followed by
+    /// a save (the command's, or the monitor's after a failover).
+    unsaved_events: Mutex<Vec<(&'static str, Value)>>,
     ports: Mutex<PortTable>,
     statics: Mutex<Vec<StaticEntry>>,
     /// Saved ports and static entries that could not be brought back at
@@ -224,6 +229,7 @@ impl Switch {
         let sw = Arc::new(Switch {
             run_dir: cfg.run_dir,
             identities: Mutex::new(Registry::default()),
+            unsaved_events: Mutex::new(Vec::new()),
             ports: Mutex::new(PortTable::new(dp.clone(), events.clone(), down_tx)),
             statics: Mutex::new(Vec::new()),
             unrestored: Mutex::new(Unrestored::default()),
@@ -423,12 +429,23 @@ impl Switch {
 
     /// The running configuration, with what could not be restored.
     pub fn state(&self) -> SwitchState {
+        self.snapshot(false).0
+    }
+
+    /// The running configuration and, with `take_events`, the events of the
+    /// identity changes it holds that are not saved yet.
+    fn snapshot(&self, take_events: bool) -> (SwitchState, Vec<(&'static str, Value)>) {
         // The identities and the ports of one moment: an identity is never
         // saved bound to a port that is not saved.
-        let (mut identities, mut ports, mut disks) = {
+        let (mut identities, mut ports, mut disks, events) = {
             let reg = self.identities();
             let table = self.ports();
-            (reg.specs(), table.specs(), table.disk_specs())
+            let events = if take_events {
+                std::mem::take(&mut *self.unsaved_events())
+            } else {
+                Vec::new()
+            };
+            (reg.specs(), table.specs(), table.disk_specs(), events)
         };
         let mut fdb_static = self.statics().clone();
         {
@@ -440,7 +457,7 @@ impl Switch {
         }
         ports.sort_by(|a, b| a.name.cmp(&b.name));
         disks.sort_by(|a, b| a.name.cmp(&b.name));
-        SwitchState {
+        let state = SwitchState {
             workers: Some(self.dp.worker_count()),
             fdb_ageing_s: Some(self.ageing_s),
             ports,
@@ -448,14 +465,27 @@ impl Switch {
             fdb_static,
             identities,
             ..SwitchState::default()
-        }
+        };
+        (state, events)
+    }
+
+    fn unsaved_events(&self) -> MutexGuard<'_, Vec<(&'static str, Value)>> {
+        self.unsaved_events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Save the running configuration to the run directory, atomically.
     pub fn save(&self) -> Result<(), ConfigError> {
         let _guard = self.save_lock.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.run_dir.join(STATE_FILE);
-        self.state().save(&path)?;
+        let (state, events) = self.snapshot(true);
+        let saved = state.save(&path);
+        // The changes are made, saved or not: say so.
+        for (event, fields) in events {
+            self.events.emit(event, fields);
+        }
+        saved?;
         self.events.emit("config.saved", json!({ "path": path }));
         Ok(())
     }

@@ -347,13 +347,14 @@ impl Switch {
     /// 3. the old port's worker gets its policy, now without it;
     /// 4. `to` announces the identity: a round at once, later ones from
     ///    the monitor;
-    /// 5. the event (`identity.bound`, `.unbound` or `.moved`).
+    /// 5. (the caller) the state is saved, once the dataplane has the
+    ///    change;
+    /// 6. that save sends the event (`identity.bound`, `.unbound` or
+    ///    `.moved`).
     ///
-    /// Nothing is written to disk: the caller saves the state once the
-    /// dataplane has the change. Everything that can refuse comes before
-    /// step 1; after it, only a dataplane failure is reported (the
-    /// binding stands, and its policies reach the workers when their
-    /// guests attach).
+    /// Everything that can refuse comes before step 1; after it, only a
+    /// dataplane failure is reported (the binding stands, and its policies
+    /// reach the workers when their guests attach).
     fn rebind(
         &self,
         reg: &mut Registry,
@@ -396,20 +397,22 @@ impl Switch {
             }
         }
         let reason = cause.as_str();
-        match (from.as_deref(), to) {
-            (None, Some(port)) => self
-                .events
-                .emit("identity.bound", json!({ "identity": name, "port": port })),
-            (Some(port), None) => self.events.emit(
+        let event = match (from.as_deref(), to) {
+            (None, Some(port)) => {
+                Some(("identity.bound", json!({ "identity": name, "port": port })))
+            }
+            (Some(port), None) => Some((
                 "identity.unbound",
                 json!({ "identity": name, "port": port, "reason": reason }),
-            ),
-            (Some(from), Some(to)) => self.events.emit(
+            )),
+            (Some(from), Some(to)) => Some((
                 "identity.moved",
                 json!({ "identity": name, "from": from, "to": to, "reason": reason }),
-            ),
-            (None, None) => {}
-        }
+            )),
+            (None, None) => None,
+        };
+        // Sent by the save that follows (see `unsaved_events`).
+        self.unsaved_events().extend(event);
         log::info!(
             "identity {name}: {} -> {} ({reason})",
             from.as_deref().unwrap_or("unbound"),
