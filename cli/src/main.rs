@@ -1853,42 +1853,36 @@ mod tests {
 
     #[test]
     fn identity_commands_send_what_is_given() {
+        let add = [
+            "identity",
+            "add",
+            "web",
+            "--mac",
+            "52:54:00:00:00:10",
+            "--ip",
+            "192.0.2.10",
+        ];
         assert_eq!(
-            req(&[
-                "identity",
-                "add",
-                "web",
-                "--mac",
-                "52:54:00:00:00:10",
-                "--ip",
-                "192.0.2.10"
-            ]),
+            req(&add),
             (
                 "identity.add".into(),
                 json!({ "name": "web", "mac": "52:54:00:00:00:10", "ips": ["192.0.2.10"] })
             )
         );
+        let more = [
+            "--ip",
+            "2001:db8::10",
+            "--vlan",
+            "10",
+            "--standby",
+            "b",
+            "--standby",
+            "a",
+            "--stall-ms",
+            "200",
+        ];
         assert_eq!(
-            req(&[
-                "identity",
-                "add",
-                "web",
-                "--mac",
-                "52:54:00:00:00:10",
-                "--ip",
-                "192.0.2.10",
-                "--ip",
-                "2001:db8::10",
-                "--vlan",
-                "10",
-                "--standby",
-                "b",
-                "--standby",
-                "a",
-                "--stall-ms",
-                "200",
-            ])
-            .1,
+            req(&[&add[..], &more[..]].concat()).1,
             json!({
                 "name": "web", "mac": "52:54:00:00:00:10", "ips": ["192.0.2.10", "2001:db8::10"],
                 "vlan": 10, "standby": ["b", "a"], "stall_ms": 200,
