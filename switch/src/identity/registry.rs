@@ -239,8 +239,8 @@ fn check_port(
 /// plain port) when it carries none, trusted or not:
 /// - `trusted` is the port's;
 /// - `macs`, `ipv4`, `ipv6` are the identities' addresses;
-/// - `mac_map` stands the guest's MAC (the port's `guest_mac`, else learnt)
-///   for the first identity's, unless the guest's MAC is that one already;
+/// - `mac_map` stands the guest's MAC (the port's `guest_mac`) for the
+///   first identity's, when the port has one and it is not that one;
 /// - `ip_map` is the port's mappings of addresses the identities have.
 pub fn port_policy(port: &PortSpec, bound: &[&IdentitySpec]) -> Option<PortPolicy> {
     let first = bound.first()?;
@@ -261,7 +261,7 @@ pub fn port_policy(port: &PortSpec, bound: &[&IdentitySpec]) -> Option<PortPolic
                 IpAddr::V4(_) => None,
             })
             .collect(),
-        mac_map: (guest != Some(first.mac.0)).then_some(MacMap {
+        mac_map: guest.filter(|g| *g != first.mac.0).map(|guest| MacMap {
             identity: first.mac.0,
             guest,
         }),
@@ -800,10 +800,8 @@ mod tests {
             macs: vec![mac(1).0, mac(2).0],
             ipv4: vec![Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)],
             ipv6: vec!["2001:db8::1".parse::<Ipv6Addr>().unwrap()],
-            mac_map: Some(MacMap {
-                identity: mac(1).0,
-                guest: None,
-            }),
+            // No guest_mac: the guest carries the identity's MAC itself.
+            mac_map: None,
             ip_map: vec![
                 IpMap::V4 {
                     identity: Ipv4Addr::new(192, 0, 2, 2),
@@ -817,7 +815,11 @@ mod tests {
         };
         assert_eq!(port_policy(&p, &[&x, &y]), Some(want.clone()));
         // The first bound identity is the one mapped.
-        let yx = port_policy(&p, &[&y, &x]).unwrap();
+        let told = PortSpec {
+            guest_mac: Some(mac(7)),
+            ..p.clone()
+        };
+        let yx = port_policy(&told, &[&y, &x]).unwrap();
         assert_eq!(yx.mac_map.unwrap().identity, mac(2).0);
         assert_eq!(yx.macs, [mac(2).0, mac(1).0]);
         // A trusted port keeps its mapping.
@@ -845,7 +847,7 @@ mod tests {
             port_policy(&other, &[&x]).unwrap().mac_map,
             Some(MacMap {
                 identity: mac(1).0,
-                guest: Some(mac(7).0)
+                guest: mac(7).0
             })
         );
         let same = PortSpec {
