@@ -669,7 +669,6 @@ fn a_failover_waits_for_a_standby_to_be_healthy() {
 }
 
 #[test]
-#[ignore = "needs the dataplane stall clock"]
 fn a_guest_that_stops_taking_frames_hands_its_identity_over() {
     let mut s = Setup::new("a", &["c"], 200);
     let mut events = EventStream::subscribe(&s.sw.control_path()).expect("subscribe");
