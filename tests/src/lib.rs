@@ -4,6 +4,7 @@
 
 pub mod frames;
 pub mod guest;
+pub mod packets;
 pub mod qemu;
 pub mod switch;
 
