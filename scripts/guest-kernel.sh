@@ -16,8 +16,9 @@
 # VIOSWITCH_GUEST_KERNEL_PKG to pin a package.
 #
 # Guest command line (read from /proc/cmdline by /init):
-#   vio.job=NAME       boot | ping | ping-loop | tcp-send | tcp-recv | serve |
-#                      driver-reload | mq-send | blk-sum | blk-write | blk-fs
+#   vio.job=NAME       boot | ping | ping-loop | ping-watch | tcp-send |
+#                      tcp-recv | serve | standby | driver-reload | mq-send |
+#                      blk-sum | blk-write | blk-fs
 #   vio.ip=A.B.C.D/N   address of eth0 (no network set up without it)
 #   vio.peer=A.B.C.D   the other guest
 #   vio.mtu=N          MTU of eth0
@@ -25,7 +26,14 @@
 #                      per CPU); ping-loop: replies wanted per round
 #   vio.min=N          ping, driver-reload, mq-send: replies needed for ok
 #                      (default: count)
-#   vio.interval=S     ping: seconds between requests (default 0.2)
+#   vio.interval=S     ping, ping-watch: seconds between requests (default 0.2)
+#   vio.silence=S      ping-watch: stop once the peer, having answered, has
+#                      been silent S seconds (default 3; 0: never)
+#   vio.duration=S     ping-watch: stop after S seconds (default 300);
+#                      serve, standby: power off after S seconds (default:
+#                      serve until killed)
+#   vio.arp_ignore=N   net.ipv4.conf.all.arp_ignore, set before eth0 gets its
+#                      address (standby: default 8, no ARP replies)
 #   vio.wait=S         ping, driver-reload, mq-send: seconds to wait for the
 #                      peer's first reply; tcp-send, mq-send: seconds to keep
 #                      trying to connect;
@@ -54,12 +62,18 @@
 #                      (QEMU without -no-reboot; the test stops it). A job
 #                      may ask for one reboot itself (blk-fs after writing)
 #   vio.timeout=S      watchdog: fail and power off after S seconds
-#                      (default 600; serve: none)
+#                      (default 600; serve, standby: none)
 #
 # Serial console markers (one line each):
 #   VIOTEST-BOOT <uptime>              /init started
 #   VIOTEST-READY ip=...               network configured (or no network)
 #   VIOTEST-PROGRESS <what>            job progress (ping-loop rounds, ...)
+#   VIOTEST-PROGRESS reply seq=N       ping-watch: a reply (" dup" appended
+#                                      for a duplicate)
+#   VIOTEST-PROGRESS arp ip=A mac=M    ping-watch: the peer's ARP entry is
+#                                      now M ("none": absent or incomplete)
+#   VIOTEST-PROGRESS standby active .. standby: the first echo request for
+#                                      its address came; ARP replies on
 #   VIOTEST-RESULT: ok <k=v ...>       the job succeeded
 #   VIOTEST-RESULT: fail <why>         the job failed
 #   VIOTEST-DIAG eth0 ...              before a failure: eth0's counters, ARP
@@ -74,6 +88,24 @@
 #                                      written, the fs unmounted; reboots
 #   VIO-FS-READ <sha256>               blk-fs, next boot: the test file read
 #                                      back; powers off
+#
+# The identity jobs (a guest pings an address that the switch moves from
+# one guest to another):
+#   ping-watch ping vio.peer every vio.interval seconds; print each reply and
+#              each change of the peer's ARP entry; stop once the peer,
+#              having answered, is silent vio.silence seconds (or after
+#              vio.duration). Result: sent=, replies=, first_seq=, last_seq=,
+#              lost= (requests missing between the first and the last reply),
+#              max_gap=, gaps= (the missing sequence ranges, or none), dups=,
+#              macs= (every MAC the peer's complete ARP entry held, in
+#              order), mac_changes=, arp_gone= (times the entry went absent
+#              or incomplete), ended=silence|duration.
+#   standby    hold vio.ip without claiming it: eth0 gets the address with
+#              ARP replies off (arp_ignore=8), and sends nothing from it;
+#              once the first echo request for the address arrives (the
+#              switch moved the identity here), turn ARP replies on and
+#              serve as `serve` does. Another guest may hold the same address
+#              meanwhile.
 #
 # The disk jobs (on /dev/vda, or vio.disk; no network needed, no vio.ip):
 #   blk-sum    sha256 of the first vio.bytes bytes of the disk.
@@ -332,7 +364,8 @@ if [ ! -f "/jobs/$job" ]; then
 fi
 
 timeout=${VIO_timeout:-600}
-[ "$job" = serve ] && timeout=${VIO_timeout:-0}
+case $job in serve | standby) timeout=${VIO_timeout:-0} ;; esac
+[ "$job" = standby ] && VIO_arp_ignore=${VIO_arp_ignore:-8}
 if [ "$timeout" -gt 0 ] 2>/dev/null; then
     (sleep "$timeout"; echo "VIOTEST-RESULT: fail timeout after ${timeout}s in job $job"; poweroff -f) &
     WATCHDOG=$!
@@ -409,6 +442,8 @@ net_setup() {
         sleep 0.1
     done
     [ -n "$VIO_mtu" ] && ip link set eth0 mtu "$VIO_mtu"
+    # Before the address exists: no ARP reply may claim it meanwhile.
+    [ -n "$VIO_arp_ignore" ] && echo "$VIO_arp_ignore" >/proc/sys/net/ipv4/conf/all/arp_ignore
     if ! ip addr add "$VIO_ip" dev eth0 || ! ip link set eth0 up; then
         result fail "cannot configure eth0 with $VIO_ip"
         return 1
@@ -591,6 +626,152 @@ while :; do
     round=$((round + 1))
 done
 result ok "rounds=$rounds replies=$total attempts=$attempts"
+EOF
+
+cat >"$ird/jobs/ping-watch" <<'EOF'
+# ping-watch: ping the peer every vio.interval seconds, print one line per
+# reply and one per change of the peer's ARP entry, and stop once the peer,
+# having answered, stays silent vio.silence seconds (or after vio.duration
+# seconds). The result counts the requests lost between the first and the
+# last reply (the gaps in the replies' sequence numbers) and lists the MACs
+# the peer's ARP entry held: for tests that move the peer's address to
+# another guest while this one pings it.
+need_peer || exit 0
+iv=${VIO_interval:-0.2}
+silence=${VIO_silence:-3}
+duration=${VIO_duration:-300}
+: >/tmp/pw.seqs
+: >/tmp/pw.dups
+: >/tmp/pw.stats
+mkfifo /tmp/pw.fifo
+# The reader: one line per reply, the time of the last one in /tmp/pw.last.
+(
+    while read -r line; do
+        case $line in
+        *" bytes from "*seq=*)
+            s=${line#*seq=}
+            s=${s%% *}
+            case $line in
+            *DUP*)
+                echo "$s" >>/tmp/pw.dups
+                echo "VIOTEST-PROGRESS reply seq=$s dup"
+                ;;
+            *)
+                echo "$s" >>/tmp/pw.seqs
+                read -r up _ </proc/uptime
+                echo "${up%.*}" >/tmp/pw.last
+                echo "VIOTEST-PROGRESS reply seq=$s"
+                ;;
+            esac
+            ;;
+        *" packets transmitted"*) echo "$line" >/tmp/pw.stats ;;
+        esac
+    done </tmp/pw.fifo
+) &
+reader=$!
+ping -i "$iv" "$VIO_peer" >/tmp/pw.fifo 2>&1 &
+pinger=$!
+
+# arp_entry: ARP_MAC := the peer's MAC in the ARP table, or "none" when the
+# entry is absent or incomplete (no fork: /proc read by the shell).
+arp_entry() {
+    local ip hw fl mac rest
+    ARP_MAC=none
+    while read -r ip hw fl mac rest; do
+        if [ "$ip" = "$VIO_peer" ] && [ $((fl & 2)) -ne 0 ]; then
+            ARP_MAC=$mac
+        fi
+    done </proc/net/arp
+}
+
+read -r up _ </proc/uptime
+t0=${up%.*}
+shown=""
+macs=""
+last_mac=""
+changes=0
+gone=0
+why=duration
+while :; do
+    arp_entry
+    if [ "$ARP_MAC" != "$shown" ]; then
+        echo "VIOTEST-PROGRESS arp ip=$VIO_peer mac=$ARP_MAC"
+        if [ "$ARP_MAC" = none ]; then
+            [ -n "$shown" ] && gone=$((gone + 1))
+        else
+            case " $macs " in *" $ARP_MAC "*) ;; *) macs="$macs $ARP_MAC" ;; esac
+            [ -n "$last_mac" ] && [ "$ARP_MAC" != "$last_mac" ] && changes=$((changes + 1))
+            last_mac=$ARP_MAC
+        fi
+        shown=$ARP_MAC
+    fi
+    read -r up _ </proc/uptime
+    t=${up%.*}
+    [ $((t - t0)) -ge "$duration" ] && break
+    if [ "$silence" -gt 0 ] && [ -s /tmp/pw.last ]; then
+        read -r last </tmp/pw.last
+        if [ $((t - last)) -ge "$silence" ]; then
+            why=silence
+            break
+        fi
+    fi
+    sleep "$iv"
+done
+# SIGINT: ping prints its statistics and exits; the reader then sees EOF.
+kill -INT "$pinger" 2>/dev/null
+wait "$pinger"
+wait "$reader"
+sent=$(sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p' /tmp/pw.stats)
+acct=$(sort -n -u /tmp/pw.seqs | awk '
+    NR == 1 { first = $1 }
+    NR > 1 && $1 > prev + 1 {
+        g = g (g == "" ? "" : ",") (prev + 1) "-" ($1 - 1)
+        lost += $1 - prev - 1
+        if ($1 - prev - 1 > max) max = $1 - prev - 1
+    }
+    { prev = $1; n++ }
+    END {
+        if (n == 0) { print "replies=0"; exit }
+        printf "replies=%d first_seq=%d last_seq=%d lost=%d max_gap=%d gaps=%s", n, first, prev, lost + 0, max + 0, (g == "" ? "none" : g)
+    }')
+dups=$(wc -l </tmp/pw.dups)
+macs=$(echo $macs | tr ' ' ',')
+info="sent=${sent:-0} $acct dups=$dups macs=${macs:-none} mac_changes=$changes arp_gone=$gone ended=$why"
+case $acct in
+replies=0) result fail "no reply from $VIO_peer: $info" ;;
+*) result ok "$info" ;;
+esac
+EOF
+
+cat >"$ird/jobs/standby" <<'EOF'
+# standby: hold vio.ip without claiming it (/init set arp_ignore=8 before
+# the address); once an echo request for it arrives, answer ARP and serve.
+# /proc/net/snmp: "Icmp: ... InEchos ..." then the same line with values.
+in_echos() {
+    awk '/^Icmp:/ { if (!c) { for (i = 1; i <= NF; i++) if ($i == "InEchos") c = i } else { print $c; exit } }' /proc/net/snmp
+}
+echo "VIOTEST-SERVING standby arp_ignore=$(cat /proc/sys/net/ipv4/conf/all/arp_ignore)"
+t0=$(now)
+end=""
+[ -n "$VIO_duration" ] && end=$((t0 + VIO_duration))
+active=no
+while :; do
+    if [ "$active" = no ]; then
+        n=$(in_echos)
+        if [ "${n:-0}" -gt 0 ]; then
+            echo 0 >/proc/sys/net/ipv4/conf/all/arp_ignore
+            active=yes
+            echo "VIOTEST-PROGRESS standby active echo_requests=$n after=$(($(now) - t0))s"
+        fi
+        sleep 0.2
+    else
+        sleep 1
+    fi
+    if [ -n "$end" ] && [ "$(now)" -ge "$end" ]; then
+        result ok "served ${VIO_duration}s active=$active echo_requests=$(in_echos)"
+        exit 0
+    fi
+done
 EOF
 
 cat >"$ird/jobs/tcp-send" <<'EOF'

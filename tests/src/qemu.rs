@@ -20,8 +20,12 @@
 //! Jobs (`vio.job=`): `boot`, `ping`, `ping-loop`, `tcp-send`, `tcp-recv`,
 //! `serve`, `driver-reload` (ping, unload and reload virtio_net, ping
 //! again), `mq-send` (check eth0's queues, ping from every CPU, send a
-//! payload); their parameters are `vio.*` kernel arguments, documented at the
-//! top of `scripts/guest-kernel.sh` (e.g. `vio.ip=10.0.0.1/24`,
+//! payload), `ping-watch` (ping until the peer goes silent, printing each
+//! reply and each change of the peer's ARP entry; counts the requests lost
+//! between the first and the last reply), `standby` (hold an address
+//! without answering ARP for it until an echo request for it arrives);
+//! their parameters are `vio.*` kernel arguments, documented at the top of
+//! `scripts/guest-kernel.sh` (e.g. `vio.ip=10.0.0.1/24`,
 //! `vio.peer=10.0.0.2`, `vio.count=5`, `vio.bytes=1048576`).
 //!
 //! Disk jobs ([`BlkJob`], on `/dev/vda`): `blk-sum` (sha256 of the disk),
