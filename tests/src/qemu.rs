@@ -46,7 +46,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Environment variable: where the guest image is cached (default
@@ -434,6 +434,18 @@ impl From<QemuNetOpts> for GuestConfig {
 }
 
 impl GuestConfig {
+    /// A guest named `name` on `net` running `job` with `args` (`vio.*`
+    /// kernel arguments), the rest as by default.
+    pub fn net_job(name: &str, net: GuestNet, job: &str, args: &[&str]) -> GuestConfig {
+        GuestConfig {
+            name: name.into(),
+            net,
+            job: job.into(),
+            kernel_args: args.iter().map(|s| s.to_string()).collect(),
+            ..GuestConfig::default()
+        }
+    }
+
     /// A guest without network running the disk job `job` on one disk
     /// (`/dev/vda`); for [`BlkJob::Fs`] the guest may reboot.
     pub fn blk(name: &str, disk: DiskAttach, job: &BlkJob) -> GuestConfig {
@@ -455,6 +467,14 @@ impl GuestConfig {
         }
         self
     }
+}
+
+/// Hold this while a test runs QEMU guests, so that the tests of one test
+/// binary run them one at a time (the machines have 2 cores). A test that
+/// panicked leaves it usable.
+pub fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// `path` as a QEMU option value: commas doubled.
