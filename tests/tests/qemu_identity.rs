@@ -224,18 +224,18 @@ fn arp_macs(b: &QemuGuest) -> Vec<String> {
         .collect()
 }
 
-/// Wait until `cond` holds, or panic with `what` and the guests' logs; also
-/// panic at once if a guest that must run ended.
+/// Wait until `cond` holds; else, once a guest that must run ended or the
+/// timeout passed, say why with the guests' logs.
 fn wait_until(
     what: &str,
     timeout: Duration,
     guests: &mut [&mut QemuGuest],
     mut cond: impl FnMut(&[&mut QemuGuest]) -> bool,
-) {
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     loop {
         if cond(guests) {
-            return;
+            return Ok(());
         }
         let dead = guests.iter_mut().position(|g| !g.is_running());
         if dead.is_some() || Instant::now() >= deadline {
@@ -244,10 +244,25 @@ fn wait_until(
                 None => format!("not within {timeout:?}"),
             };
             let logs: Vec<String> = guests.iter().map(|g| g.logs()).collect();
-            panic!("{what}: {why}\n{}", logs.join("\n"));
+            return Err(format!("{what}: {why}\n{}", logs.join("\n")));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The switch's view for a failure message: the identity, the ports'
+/// counters, its log.
+fn switch_state(sw: &mut SwitchProcess) -> String {
+    let identity = sw
+        .call("identity.show", json!({ "name": IDENTITY }))
+        .map_or_else(|e| e.to_string(), |v| v.to_string());
+    let stats = sw
+        .call("port.stats", json!({}))
+        .map_or_else(|e| e.to_string(), |v| v.to_string());
+    format!(
+        "identity: {identity}\nport stats: {stats}\nswitch log:\n{}",
+        sw.log_text()
+    )
 }
 
 fn stat(v: &Value, k: &str) -> u64 {
@@ -321,7 +336,8 @@ fn identity_fails_over_to_a_standby_guest_with_another_mac_and_pings_resume() {
         BOOT,
         &mut [&mut a, &mut b, &mut c],
         |g| replies(g[1]).len() >= STEADY,
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", switch_state(&mut sw)));
     let t_steady = t0.elapsed();
     assert_eq!(
         arp_macs(&b).last(),
@@ -342,12 +358,21 @@ fn identity_fails_over_to_a_standby_guest_with_another_mac_and_pings_resume() {
     let t_kill = t0.elapsed();
     let moved = events.wait(FAILOVER, |e| is_move(e, IDENTITY, "c"));
     let t_moved = t0.elapsed();
-    assert!(
-        moved.is_some(),
-        "no event moving {IDENTITY} to c within {FAILOVER:?} of A's death; events: {:?}\nidentity: {}\nswitch:\n{}",
-        events.drain(),
-        show_identity(&mut sw, IDENTITY),
-        sw.log_text()
+    let moved = moved.unwrap_or_else(|| {
+        panic!(
+            "no event moving {IDENTITY} to c within {FAILOVER:?} of A's death; events: {:?}\n{}",
+            events.drain(),
+            switch_state(&mut sw)
+        )
+    });
+    assert_eq!(
+        (&moved["event"], &moved["from"], &moved["reason"]),
+        (
+            &json!("identity.moved"),
+            &json!("a"),
+            &json!("disconnected")
+        ),
+        "{moved}"
     );
     assert_eq!(
         identity_port(&mut sw, IDENTITY).as_deref(),
@@ -363,7 +388,8 @@ fn identity_fails_over_to_a_standby_guest_with_another_mac_and_pings_resume() {
         JOB,
         &mut [&mut b, &mut c],
         |g| replies(g[0]).len() >= at_move + STEADY,
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", switch_state(&mut sw)));
     let t_resumed = t0.elapsed();
     let active = c
         .find_line("standby active")
@@ -465,7 +491,8 @@ fn ping_watch_counts_the_replies_of_a_peer_on_a_wire() {
     .expect("start guest B");
     wait_until("B's replies", BOOT, &mut [&mut a, &mut b], |g| {
         replies(g[1]).len() >= STEADY
-    });
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     a.kill();
     let r = b.result(JOB).expect("B's result");
     assert!(r.ok, "{}\n{}", r.line, b.logs());
