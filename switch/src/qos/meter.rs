@@ -114,7 +114,10 @@ impl Meter {
     pub fn take(&mut self, len: u32, now: u64) -> bool {
         // A cost is at most MAX_FRAME_LEN × 8: no overflow.
         let c = self.cost(len) as i64;
-        if now == self.at && c <= self.credit {
+        if now != self.at {
+            self.sync(now);
+        }
+        if c <= self.credit {
             self.credit -= c;
             self.owed += c;
             return true;
@@ -148,20 +151,29 @@ impl Meter {
     #[inline(never)]
     fn sync(&mut self, now: u64) {
         self.settle();
-        // Refill both to `now`; asking for no tokens takes none.
-        let _ = self.allows_settled(0, now);
+        self.avg.refill(now);
+        if let Some(p) = self.peak.as_mut() {
+            p.refill(now);
+        }
         self.at = now;
-        self.credit = self
-            .avg
-            .held()
-            .min(self.peak.as_ref().map_or(i64::MAX, |p| p.held()));
+        self.credit = self.held();
     }
 
-    /// [`take`](Self::take) when the credit does not cover the frame:
-    /// settle, consult both buckets at `now`, and work out the credit again.
+    /// The least either bucket holds.
+    #[inline]
+    fn held(&self) -> i64 {
+        self.avg
+            .held()
+            .min(self.peak.as_ref().map_or(i64::MAX, |p| p.held()))
+    }
+
+    /// [`take`](Self::take) when the credit (worked out at `now`) does not
+    /// cover the frame: settle, consult both buckets, and work out the
+    /// credit again.
     #[inline(never)]
     fn take_slow(&mut self, c: u64, now: u64) -> bool {
-        self.sync(now);
+        self.settle();
+        self.at = now;
         // Both buckets are up to `now`: ask them.
         let ok = self.allows_settled(c, now);
         if ok {
@@ -169,7 +181,7 @@ impl Meter {
             if let Some(p) = self.peak.as_mut() {
                 p.debit(c);
             }
-            self.sync(now);
+            self.credit = self.held();
         }
         ok
     }
