@@ -156,6 +156,14 @@ impl Mode {
     }
 }
 
+/// A part of QoS the cost lines enable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum CostPart {
+    Ingress,
+    Egress,
+    Weight,
+}
+
 /// QoS accuracy, fairness and overhead of vioswitch's per-port QoS.
 #[derive(Parser, Debug, Clone)]
 #[command(version)]
@@ -212,6 +220,10 @@ struct Args {
     /// Runs of each cost line (interleaved without / with QoS).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// What the cost lines enable: `ingress` (p0 shaped), `egress` (p1
+    /// shaped), `weight` (weight 1 on both); all three by default.
+    #[arg(long, value_delimiter = ',', default_value = "ingress,egress,weight")]
+    cost_qos: Vec<CostPart>,
     /// Entries per guest virtqueue of the rate and cost lines.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
@@ -581,18 +593,27 @@ impl Bench {
     fn cost(&mut self) -> Result<(), QosBenchError> {
         // Far above anything the machine reaches: the limits never bind.
         let far = 400_000_000_000u64;
-        let qos = [
-            (
-                0,
-                json!({"ingress": {"mode": "shape", "rate": far}, "weight": 1}),
-            ),
-            (
-                1,
-                json!({"egress": {"mode": "shape", "rate": far}, "weight": 1}),
-            ),
-        ];
+        let on = |p: CostPart| self.args.cost_qos.contains(&p);
+        let mut specs = [(0, json!({})), (1, json!({}))];
+        if on(CostPart::Ingress) {
+            specs[0].1["ingress"] = json!({"mode": "shape", "rate": far});
+        }
+        if on(CostPart::Egress) {
+            specs[1].1["egress"] = json!({"mode": "shape", "rate": far});
+        }
+        if on(CostPart::Weight) {
+            for s in &mut specs {
+                s.1["weight"] = json!(1);
+            }
+        }
+        let qos: Vec<(usize, Value)> = specs
+            .into_iter()
+            .filter(|(_, v)| v.as_object().is_some_and(|o| !o.is_empty()))
+            .collect();
+        let what: Vec<String> = qos.iter().map(|(p, v)| format!("p{p} {v}")).collect();
         println!(
-            "\n### Cost of QoS when no limit binds (one flow p0 -> p1; with QoS: p0 ingress shaped and p1 egress shaped at {}, weight 1 on both; medians of {} interleaved runs)\n",
+            "\n### Cost of QoS when no limit binds (one flow p0 -> p1; with QoS: {} (rates {}); medians of {} interleaved runs)\n",
+            what.join(", "),
             fmt_bps(far as f64),
             self.args.repeat
         );
@@ -630,7 +651,7 @@ impl Bench {
                 "median_without_pps": mb, "median_with_pps": mq, "cost_pct": cost, "max_busy_pct": busiest}));
         }
         self.json
-            .push(json!({"part": "cost", "limit_bps": far, "lines": lines}));
+            .push(json!({"part": "cost", "limit_bps": far, "qos": what, "lines": lines}));
         Ok(())
     }
 
