@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::qos::{Gate, NetQos};
+use super::qos::{BatchSums, Gate, NetQos};
 use super::{
     Frame, NetFeatures, PortSettings, Shared, FLOOD, MAX_BATCH, MAX_FRAME_LEN, MAX_QUEUE_PAIRS,
 };
@@ -824,6 +824,44 @@ fn switch(ports: &mut [NetPort], src_pos: usize, f: FrameRef<'_>, ctx: &mut Ctx<
     }
 }
 
+/// Take up to `pending` chains from a guest's TX ring and walk them, into
+/// the scratch arrays. Their descriptor reads do not depend on each other,
+/// so their cache misses overlap, and each frame's first bytes are
+/// prefetched before they are switched. With `SUMS` (a port with QoS),
+/// also add up what its budget and shaper need.
+#[inline(always)]
+fn take_batch<const SUMS: bool>(
+    ring: &mut Vring,
+    scratch: &mut Scratch,
+    pending: usize,
+    hdr_len: u32,
+) -> (usize, Option<RingFault>, BatchSums) {
+    let mut got = 0;
+    let mut sums = BatchSums::default();
+    while got < pending {
+        let head = match ring.pop_head() {
+            Ok(h) => h,
+            Err(f) => return (got, Some(f), sums),
+        };
+        let chain = &mut scratch.tx_chains[got];
+        let walked = ring.walk(
+            head,
+            Direction::Readable,
+            hdr_len + MAX_FRAME_LEN as u32,
+            chain,
+        );
+        if SUMS {
+            sums.add(chain.total, walked.is_ok(), hdr_len);
+        }
+        scratch.tx_walked[got] = walked;
+        if chain.nsegs > 0 {
+            prefetch(chain.segs[0].ptr);
+        }
+        got += 1;
+    }
+    (got, None, sums)
+}
+
 /// Drain up to one batch from TX queue pair `q` of `ports[pos]`. Returns the
 /// number of chains consumed.
 pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut Ctx<'_>) -> usize {
@@ -845,35 +883,17 @@ pub(super) fn process_tx(ports: &mut [NetPort], pos: usize, q: usize, ctx: &mut 
             return 0;
         }
     };
-    // Pass 1: take the batch's chains and walk them. Their descriptor reads
-    // do not depend on each other, so their cache misses overlap, and each
-    // frame's first bytes are prefetched before pass 2 needs them.
-    let mut got = 0;
-    let mut fault = None;
-    while got < pending {
-        let head = match ring.pop_head() {
-            Ok(h) => h,
-            Err(f) => {
-                fault = Some(f);
-                break;
-            }
-        };
-        let chain = &mut ctx.scratch.tx_chains[got];
-        ctx.scratch.tx_walked[got] = ring.walk(
-            head,
-            Direction::Readable,
-            hdr_len + MAX_FRAME_LEN as u32,
-            chain,
-        );
-        if chain.nsegs > 0 {
-            prefetch(chain.segs[0].ptr);
-        }
-        got += 1;
-    }
+    // Pass 1: take the batch's chains and walk them.
+    let (mut got, fault, sums) = if port.qos.is_some() {
+        take_batch::<true>(ring, ctx.scratch, pending, hdr_len)
+    } else {
+        take_batch::<false>(ring, ctx.scratch, pending, hdr_len)
+    };
     // The port's share and ingress shaper admit a prefix of the batch; the
     // rest goes back to the guest's ring (lossless), in order.
     if let Some(q) = port.qos.as_deref_mut() {
         let keep = q.admit_ingress(
+            &sums,
             &ctx.scratch.tx_chains[..got],
             &ctx.scratch.tx_walked[..got],
             hdr_len,

@@ -135,6 +135,32 @@ impl Budget {
     }
 }
 
+/// What a batch taken from a guest adds up to, for its QoS: summed while
+/// the chains are walked.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct BatchSums {
+    /// Budget charge of all the chains, and of the last one.
+    pub charge: i64,
+    pub last: i64,
+    /// Well-formed frames and their bytes (no virtio header).
+    pub frames: u32,
+    pub bytes: u64,
+}
+
+impl BatchSums {
+    /// Count a chain of `total` bytes (`ok`: well formed).
+    #[inline(always)]
+    pub fn add(&mut self, total: u32, ok: bool, hdr_len: u32) {
+        // Malformed chains cost their visit too.
+        self.last = i64::from(total.max(MIN_CHARGE));
+        self.charge += self.last;
+        if ok {
+            self.frames += 1;
+            self.bytes += u64::from(total.saturating_sub(hdr_len));
+        }
+    }
+}
+
 /// A net port's QoS.
 pub(super) struct NetQos {
     pub ingress: Option<Meter>,
@@ -258,6 +284,7 @@ impl NetQos {
     /// when no limit binds), frame by frame otherwise.
     pub fn admit_ingress(
         &mut self,
+        sums: &BatchSums,
         chains: &[Chain],
         walked: &[Result<(), ChainError>],
         hdr_len: u32,
@@ -270,25 +297,14 @@ impl NetQos {
         if n == 0 || (!weighted && !shaping) {
             return n;
         }
-        let (mut charge, mut last) = (0i64, 0i64);
-        let (mut frames, mut bytes) = (0u32, 0u64);
-        for (c, w) in chains.iter().zip(walked) {
-            // Malformed chains cost their visit too.
-            last = i64::from(c.total.max(MIN_CHARGE));
-            charge += last;
-            if w.is_ok() {
-                frames += 1;
-                bytes += u64::from(c.total.saturating_sub(hdr_len));
-            }
-        }
-        if self.budget.fits(n, charge - last)
+        if self.budget.fits(n, sums.charge - sums.last)
             && (!shaping
                 || self
                     .ingress
                     .as_mut()
-                    .is_some_and(|m| m.take_bulk(frames, bytes, now)))
+                    .is_some_and(|m| m.take_bulk(sums.frames, sums.bytes, now)))
         {
-            self.budget.charge_items(n, charge);
+            self.budget.charge_items(n, sums.charge);
             if shaping {
                 self.release_ingress(now, stats);
             }
@@ -637,7 +653,11 @@ mod tests {
                 chains.push(c);
                 walked.push(if ok { Ok(()) } else { Err(ChainError::TooBig) });
             }
-            let got = a.admit_ingress(&chains, &walked, 12, now, &stats);
+            let mut sums = BatchSums::default();
+            for &(total, ok) in &frames {
+                sums.add(total, ok, 12);
+            }
+            let got = a.admit_ingress(&sums, &chains, &walked, 12, now, &stats);
             assert_eq!(
                 got,
                 admit_one_by_one(&mut b, &frames, now, &stats),
