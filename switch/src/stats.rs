@@ -50,11 +50,13 @@ pub enum DropReason {
     SpoofedNd,
     /// Switched to a port before its identity moved away; not delivered.
     IdentityMoved,
+    /// The destination port has no guest attached (counted at the sender).
+    PortDown,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::BadTxDescriptor,
         DropReason::ShortFrame,
         DropReason::OversizedFrame,
@@ -73,6 +75,7 @@ impl DropReason {
         DropReason::SpoofedIpv6,
         DropReason::SpoofedNd,
         DropReason::IdentityMoved,
+        DropReason::PortDown,
     ];
 
     /// The name used in statistics output.
@@ -96,6 +99,7 @@ impl DropReason {
             DropReason::SpoofedIpv6 => "spoofed_ipv6",
             DropReason::SpoofedNd => "spoofed_nd",
             DropReason::IdentityMoved => "identity_moved",
+            DropReason::PortDown => "port_down",
         }
     }
 }

@@ -331,3 +331,80 @@ fn after_a_move_returns_the_identity_s_traffic_reaches_only_its_new_port() {
         drain(&mut b, mac(2), new, 98);
     }
 }
+
+/// `identity.show`'s health of standby `port`.
+fn standby_health(sw: &mut SwitchProcess, port: &str) -> String {
+    let v = call(sw, "identity.show", json!({"name": "svc"}));
+    v["standby"]
+        .as_array()
+        .and_then(|s| s.iter().find(|e| e["port"] == port))
+        .map(|e| e["health"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_new_guest_on_a_port_does_not_inherit_the_last_one_s_rx_stall() {
+    let mut sw = switch(1);
+    let mut b = plug(&mut sw, "b", small_config());
+    let sock = sw.add_port("a").expect("port.add a");
+    let mut a = NetGuest::connect(&sock, small_config()).expect("guest on a");
+    let _c = plug(&mut sw, "c", small_config());
+    call(
+        &mut sw,
+        "identity.add",
+        json!({"name": "svc", "mac": "02:1d:00:00:00:01", "ips": [IP.to_string()],
+               "standby": ["a"], "stall_ms": 100}),
+    );
+    call(
+        &mut sw,
+        "identity.bind",
+        json!({"name": "svc", "port": "c"}),
+    );
+    // a's guest (MAC 5, learnt) stops taking frames while frames for it
+    // keep coming: its stall clock runs past the stall time; then it goes
+    // away with the clock running.
+    send_all(
+        &mut a,
+        &[udp4(mac(2), mac(5), (PEER_IP, 1), (IP, 1), b"hi")],
+    );
+    recv_frames(&mut b, 1);
+    a.set_rx_refill(false);
+    let to_a: Vec<Vec<u8>> = (0..100)
+        .map(|i| udp4(mac(5), mac(2), (PEER_IP, 1), (IP, 1), &[i as u8]))
+        .collect();
+    send_all(&mut b, &to_a);
+    wait_tx_done(&mut b);
+    assert!(counters(&mut sw, "a").dropped("no_rx_buffer") > 0);
+    vioswitch_testkit::frames::wait_until("a stalled", || {
+        standby_health(&mut sw, "a") == "rx_stalled"
+    });
+    a.disconnect();
+    // A new guest that takes everything is healthy, however long it has
+    // been connected, and takes what comes.
+    let mut a = NetGuest::connect(&sock, small_config()).expect("guest on a again");
+    vioswitch_testkit::frames::wait_until("a attached", || {
+        call(&mut sw, "port.show", json!({"name": "a"}))["connected"] == true
+    });
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(standby_health(&mut sw, "a"), "healthy");
+    send_all(&mut b, &to_a[..10]);
+    recv_frames(&mut a, 10);
+    assert_eq!(standby_health(&mut sw, "a"), "healthy");
+}
+
+#[test]
+fn frames_for_an_identity_whose_guest_is_gone_are_dropped_not_flooded() {
+    let mut sw = switch(1);
+    let a = plug(&mut sw, "a", small_config());
+    let mut b = plug(&mut sw, "b", small_config());
+    let mut c = plug(&mut sw, "c", small_config());
+    bind_svc(&mut sw, "a");
+    a.disconnect();
+    vioswitch_testkit::frames::wait_until("a disconnected", || {
+        call(&mut sw, "port.show", json!({"name": "a"}))["connected"] == false
+    });
+    let frames: Vec<Vec<u8>> = (0..20).map(to_svc).collect();
+    send_all(&mut b, &frames);
+    assert!(drain(&mut b, mac(2), &mut c, 5).is_empty(), "flooded to c");
+    assert_eq!(counters(&mut sw, "b").dropped("port_down"), 20);
+}

@@ -59,6 +59,9 @@ impl NetPort {
         now_ns: u64,
     ) -> Self {
         stats.set_broken(false);
+        // A new guest starts with a clean stall clock (the last one may
+        // have left with frames coming).
+        stats.rx_drained();
         NetPort {
             qos: NetQos::new(&settings.qos, now_ns),
             idx,
@@ -818,8 +821,11 @@ fn switch(ports: &mut [NetPort], src_pos: usize, f: FrameRef<'_>, ctx: &mut Ctx<
                     ports[src_pos].stats.count_drop(why);
                 }
             }
-            // Being detached: its entries are about to be flushed.
-            _ => flood(ports, Some(src_pos), f, true, ctx),
+            // No guest on it (being detached, or an identity's port whose
+            // guest is gone): dropped, as a switch does for a port whose
+            // link is down, rather than flooded to every port (an
+            // identity's traffic, unmapped, to all its neighbours).
+            _ => ports[src_pos].stats.count_drop(DropReason::PortDown),
         },
     }
 }
