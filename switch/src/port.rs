@@ -644,14 +644,26 @@ impl Session {
         if let Ok(mut c) = self.status.conn.lock() {
             *c = None;
         }
+        if stopping {
+            self.disconnected();
+        }
+        !stopping
+    }
+
+    /// The port shows as disconnected, and says so.
+    fn disconnected(&self) {
         self.status.connected.store(false, Ordering::Relaxed);
         self.events
             .emit("port.disconnected", json!({ "port": self.name }));
-        if !stopping {
-            // The guest went away by itself: its identities may fail over.
-            let _ = self.down.send(self.idx);
-        }
-        !stopping
+    }
+
+    /// The guest went away by itself: say so and tell the identity monitor
+    /// at once, before the port's rings are torn down and it is detached
+    /// (which waits for its worker), so that its identities fail over
+    /// without that wait.
+    fn went_away(&self) {
+        self.disconnected();
+        let _ = self.down.send(self.idx);
     }
 }
 
@@ -686,6 +698,7 @@ impl Session {
                 Ok(()) => refusals = 0,
                 Err(e) if ends_connection(&e) => {
                     log::info!("port {}: guest disconnected ({e})", self.name);
+                    self.went_away();
                     return false;
                 }
                 Err(e @ VhostError::InactiveFeature(_)) => {
@@ -703,6 +716,7 @@ impl Session {
                             "port {}: {refusals} refused requests in a row; dropping the connection",
                             self.name
                         );
+                        self.went_away();
                         return false;
                     }
                 }

@@ -340,11 +340,15 @@ impl Switch {
 
     /// Bind identity `name` to port `to` (`None`: unbind it), in this
     /// order:
-    /// 1. the FDB's static entry for its MAC in its VLAN points to `to`,
+    /// 1. `to`'s worker gets `to`'s policy, now with the identity, so that
+    ///    the first frames for the identity that reach `to` are already
+    ///    translated for its guest;
+    /// 2. the FDB's static entry for its MAC in its VLAN points to `to`,
     ///    replaced in place so that frames for the MAC never find it
     ///    unknown (or the entry is removed);
-    /// 2. `to`'s worker gets `to`'s policy, now with the identity;
-    /// 3. the old port's worker gets its policy, now without it;
+    /// 3. the old port's worker gets its policy, now without it (frames
+    ///    switched to it before step 2 and still in flight are looked up
+    ///    again before a late delivery: none reaches it after this);
     /// 4. `to` announces the identity: a round at once, later ones from
     ///    the monitor;
     /// 5. (the caller) the state is saved, once the dataplane has the
@@ -352,9 +356,10 @@ impl Switch {
     /// 6. that save sends the event (`identity.bound`, `.unbound` or
     ///    `.moved`).
     ///
-    /// Everything that can refuse comes before step 1; after it, only a
-    /// dataplane failure is reported (the binding stands, and its policies
-    /// reach the workers when their guests attach).
+    /// Everything that can refuse comes before step 1 (a full FDB, found
+    /// at step 2, puts step 1 back); after it, only a dataplane failure is
+    /// reported (the binding stands, and its policies reach the workers
+    /// when their guests attach).
     fn rebind(
         &self,
         reg: &mut Registry,
@@ -365,12 +370,23 @@ impl Switch {
     ) -> Result<(), SwitchError> {
         let spec = reg.get(name)?.clone();
         let fdb = self.dp.fdb();
-        match to {
+        let idx = match to {
             Some(port) => {
                 reg.check_bind(name, port, ports)?;
                 self.check_statics(&spec)?;
-                let idx = ports.get(port)?.idx;
+                Some(ports.get(port)?.idx)
+            }
+            None => None,
+        };
+        let from = reg.set_binding(name, to)?;
+        let mut pushed = to.map_or(Ok(()), |p| self.push_policy(reg, ports, p));
+        match idx {
+            Some(idx) => {
                 if fdb.add_static(&spec.mac.0, spec.vlan, idx) == Learn::Full {
+                    reg.set_binding(name, from.as_deref())?;
+                    if let Some(port) = to {
+                        let _ = self.push_policy(reg, ports, port);
+                    }
                     return Err(IdentityError::FdbFull(spec.mac).into());
                 }
             }
@@ -378,12 +394,9 @@ impl Switch {
                 fdb.remove(&spec.mac.0, spec.vlan);
             }
         }
-        let from = reg.set_binding(name, to)?;
-        let pushed = to
-            .into_iter()
-            .chain(from.as_deref())
-            .map(|p| self.push_policy(reg, ports, p))
-            .fold(Ok(()), Result::and);
+        if let Some(old) = from.as_deref().filter(|f| Some(*f) != to) {
+            pushed = pushed.and(self.push_policy(reg, ports, old));
+        }
         if cause == Cause::Restore {
             return pushed;
         }
