@@ -51,6 +51,8 @@ pub enum SwitchError {
     FdbFull,
     #[error("no static entry for {0} in VLAN {1}")]
     NoStatic(String, u16),
+    #[error("--worker-cpus: {0}")]
+    Cpu(#[from] crate::cpu::CpuError),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -69,6 +71,9 @@ pub struct SwitchConfig {
     pub run_dir: PathBuf,
     pub workers: Option<usize>,
     pub worker: WorkerConfig,
+    /// CPUs of the polling workers (worker `i` on `worker_cpus[i % len]`);
+    /// the switch's other threads keep off them. Empty: anywhere.
+    pub worker_cpus: Vec<usize>,
     pub fdb_capacity: usize,
     pub ageing: Option<Duration>,
     /// The declarative configuration, used when the run directory has no saved state.
@@ -81,6 +86,7 @@ impl SwitchConfig {
             run_dir,
             workers: None,
             worker: WorkerConfig::default(),
+            worker_cpus: Vec::new(),
             fdb_capacity: 1 << 16,
             ageing: None,
             initial: None,
@@ -216,13 +222,21 @@ impl Switch {
             .or(state.fdb_ageing_s.map(Duration::from_secs))
             .unwrap_or(DEFAULT_AGEING);
         let (faults_tx, faults_rx) = unbounded();
+        crate::cpu::check_cpus(&cfg.worker_cpus)?;
         let dp = Arc::new(Dataplane::start(
             workers,
             cfg.worker,
+            &cfg.worker_cpus,
             cfg.fdb_capacity,
             ageing.as_millis() as u64,
             faults_tx,
         )?);
+        // The control server, the sessions and the monitors start after
+        // this and keep off the workers' CPUs (a busy-polling worker never
+        // gives its core up: a thread that shares it waits milliseconds).
+        if !cfg.worker_cpus.is_empty() && !crate::cpu::avoid_cpus(&cfg.worker_cpus)? {
+            log::warn!("every CPU runs a worker: the switch's other threads share them");
+        }
         let events = Arc::new(EventBus::default());
         let (down_tx, down_rx) = unbounded();
         let (notices_tx, notices_rx) = unbounded();

@@ -23,6 +23,11 @@ struct Args {
     /// Number of dataplane worker threads [default: as saved, else 1].
     #[arg(long)]
     workers: Option<usize>,
+    /// CPUs of the polling workers, e.g. `2,3` (worker i on the i-th,
+    /// round robin); the switch's other threads keep off them. Default:
+    /// anywhere (the scheduler's choice).
+    #[arg(long, value_delimiter = ',', value_name = "CPU,...")]
+    worker_cpus: Vec<usize>,
     /// Start-up configuration (TOML: workers, fdb_ageing_s, [[port]] and
     /// [[fdb_static]] tables), used when the run directory holds no saved
     /// state; `vioctl config show --toml` prints one.
@@ -66,6 +71,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut cfg = SwitchConfig::new(run_dir.clone());
     cfg.workers = args.workers;
+    cfg.worker_cpus = args.worker_cpus;
     cfg.worker.idle_poll = Duration::from_micros(args.idle_poll_us);
     cfg.worker.batch = args.batch;
     cfg.worker.io_engine = args.io_engine;

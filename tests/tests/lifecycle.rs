@@ -350,3 +350,77 @@ fn a_new_connection_gets_a_clean_port() {
     assert!(!after.broken);
     assert_eq!(r2.device_errors(), 0);
 }
+
+/// `Cpus_allowed_list` of each thread of `pid`, by thread name.
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or_default();
+        out.push((name.trim().to_string(), cpus.trim().to_string()));
+    }
+    out
+}
+
+#[test]
+fn workers_run_on_the_cpus_given_and_the_other_threads_keep_off_them() {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let last = n - 1;
+    let mut sw = SwitchProcess::spawn(SwitchOptions {
+        extra_args: vec!["--worker-cpus".into(), last.to_string()],
+        ..Default::default()
+    })
+    .expect("start vioswitch");
+    let _g = NetGuest::connect(
+        &sw.add_port("p").expect("port.add"),
+        NetGuestConfig::default(),
+    )
+    .expect("guest");
+    let threads = thread_cpus(sw.pid());
+    let worker: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name.starts_with("vioswitch-work"))
+        .collect();
+    assert!(!worker.is_empty(), "{threads:?}");
+    for (_, cpus) in &worker {
+        assert_eq!(*cpus, last.to_string(), "{threads:?}");
+    }
+    if n > 1 {
+        let others: Vec<_> = threads
+            .iter()
+            .filter(|(name, _)| !name.starts_with("vioswitch-work"))
+            .filter(|(_, cpus)| *cpus == format!("0-{last}") || cpus.contains(&last.to_string()))
+            .collect();
+        // Only the main thread started before the workers' CPUs were set
+        // aside; every thread started after keeps off them.
+        assert!(others.len() <= 1, "{threads:?}");
+    }
+}
+
+#[test]
+fn a_worker_cpu_that_does_not_exist_is_refused() {
+    let dir = vioswitch_testkit::temp_dir("vioswitch-cpus").expect("temp dir");
+    let out =
+        std::process::Command::new(vioswitch_testkit::switch::vioswitch_bin().expect("binary"))
+            .args([
+                "--run-dir",
+                dir.to_str().unwrap_or_default(),
+                "--worker-cpus",
+                "100000",
+            ])
+            .output()
+            .expect("run vioswitch");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--worker-cpus") && err.contains("100000"),
+        "{err}"
+    );
+}

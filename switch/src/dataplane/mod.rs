@@ -335,9 +335,13 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// Start `n` workers.
+    ///
+    /// Worker `i` runs on CPU `cpus[i % cpus.len()]` when `cpus` is not
+    /// empty.
     pub fn start(
         n: usize,
         config: WorkerConfig,
+        cpus: &[usize],
         fdb_capacity: usize,
         ageing_ms: u64,
         faults: Sender<PortIdx>,
@@ -366,9 +370,18 @@ impl Dataplane {
                 stats.clone(),
                 config,
             )?;
+            let cpu = (!cpus.is_empty()).then(|| cpus[id % cpus.len()]);
             let thread = std::thread::Builder::new()
                 .name(format!("vioswitch-worker-{id}"))
-                .spawn(move || w.run())
+                .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        match crate::cpu::pin_current_thread(cpu) {
+                            Ok(()) => log::info!("worker {id}: on CPU {cpu}"),
+                            Err(e) => log::error!("worker {id}: cannot run on CPU {cpu}: {e}"),
+                        }
+                    }
+                    w.run()
+                })
                 .map_err(DataplaneError::Spawn)?;
             workers.push(WorkerHandle {
                 commands: tx,
