@@ -102,7 +102,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ops::Add;
 
-use super::policy::{IpMap, Mac, PortPolicy};
+use super::policy::{IpMap, IpMaps, Mac, PortPolicy};
 use crate::stats::DropReason;
 
 /// Bytes of a frame's head the dataplane copies for the checks and
@@ -148,8 +148,7 @@ impl From<Violation> for DropReason {
 /// `policy.mac_map` (`None`: no MAC mapping).
 pub fn map_ingress(win: &mut [u8], frame_len: usize, policy: &PortPolicy, guest_mac: Option<Mac>) {
     if let Some(rw) = Rewrite::new(policy, guest_mac, Direction::Ingress) {
-        let win = visible(win, frame_len);
-        rw.frame(win, parse(win));
+        rw.window(visible(win, frame_len));
     }
 }
 
@@ -157,8 +156,7 @@ pub fn map_ingress(win: &mut [u8], frame_len: usize, policy: &PortPolicy, guest_
 /// place (the reverse of [`map_ingress`]).
 pub fn map_egress(win: &mut [u8], frame_len: usize, policy: &PortPolicy, guest_mac: Option<Mac>) {
     if let Some(rw) = Rewrite::new(policy, guest_mac, Direction::Egress) {
-        let win = visible(win, frame_len);
-        rw.frame(win, parse(win));
+        rw.window(visible(win, frame_len));
     }
 }
 
@@ -180,12 +178,35 @@ pub fn ingress(
     policy: &PortPolicy,
     guest_mac: Option<Mac>,
 ) -> Result<(), Violation> {
+    let win = visible(win, frame_len);
+    let Some((h, rest, udp)) = fast4(win) else {
+        return general_ingress(win, policy, guest_mac);
+    };
+    if policy.translates() {
+        if let Some(rw) = Rewrite::new(policy, guest_mac, Direction::Ingress) {
+            rw.fast4(h, rest, udp);
+        }
+    }
+    if policy.enforces() {
+        check_fast4(h, udp, policy)
+    } else {
+        Ok(())
+    }
+}
+
+/// [`ingress`] on the visible part of the window, by the general parse
+/// whatever the frame's shape.
+#[inline(never)]
+fn general_ingress(
+    win: &mut [u8],
+    policy: &PortPolicy,
+    guest_mac: Option<Mac>,
+) -> Result<(), Violation> {
     let rw = Rewrite::new(policy, guest_mac, Direction::Ingress);
     let enforces = policy.enforces();
     if rw.is_none() && !enforces {
         return Ok(());
     }
-    let win = visible(win, frame_len);
     let net = parse(win);
     if let Some(rw) = rw {
         rw.frame(win, net);
@@ -367,6 +388,69 @@ fn parse_ipv6(win: &[u8], at: usize) -> Option<Ip> {
     })
 }
 
+/// Bytes of a frame of the fast path held at fixed offsets: the Ethernet
+/// and IPv4 headers and the first 8 bytes of the upper layer (UDP's header,
+/// TCP's ports and sequence number).
+const FAST4_LEN: usize = ETH_HLEN + IPV4_MIN_HLEN + 8;
+const FAST4_IP: usize = ETH_HLEN;
+const FAST4_L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+/// End of the TCP checksum: it lies past [`FAST4_LEN`].
+const FAST4_TCP_END: usize = FAST4_L4 + TCP_CSUM + 2;
+
+/// A frame of the common shape, taken without the general parse: untagged
+/// IPv4 with a header of 20 bytes (no options), whole or its first
+/// fragment, of TCP or UDP whose checksum lies in the window and in the
+/// packet. Of exactly these frames the general parse makes
+/// `Net::Ipv4(Some(ip))` with the upper layer's checksum within `ip`, and
+/// the fast path rewrites and checks them as the general one does (the
+/// same fields, the same checksums), at fixed offsets.
+///
+/// `win`: the visible part of the window. Returns its first
+/// [`FAST4_LEN`] bytes, the rest, and whether UDP (else TCP).
+#[inline(always)]
+fn fast4(win: &mut [u8]) -> Option<(&mut [u8; FAST4_LEN], &mut [u8], bool)> {
+    let len = win.len();
+    let (h, rest) = win.split_at_mut_checked(FAST4_LEN)?;
+    let h: &mut [u8; FAST4_LEN] = h.try_into().ok()?;
+    // Ethertype, version and header length (not the TOS), as stored.
+    let start = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    let ip_start = u32::from_le_bytes([0x08, 0x00, 0x45, 0]);
+    // Fragment offset, as stored.
+    let fragment = u16::from_le_bytes([h[FAST4_IP + 6], h[FAST4_IP + 7]]) & 0xff1f;
+    if start & 0x00ff_ffff != ip_start || fragment != 0 {
+        return None;
+    }
+    // Where the checksum ends: in the window, and in the packet.
+    let (end, udp) = match h[FAST4_IP + 9] {
+        IPPROTO_UDP => (FAST4_LEN, true),
+        IPPROTO_TCP => (FAST4_TCP_END, false),
+        _ => return None,
+    };
+    let total = usize::from(u16::from_be_bytes([h[FAST4_IP + 2], h[FAST4_IP + 3]]));
+    (len >= end && FAST4_IP + total >= end).then_some((h, rest, udp))
+}
+
+/// [`check`] on a frame of [`fast4`]'s shape.
+#[inline(always)]
+fn check_fast4(h: &[u8; FAST4_LEN], udp: bool, policy: &PortPolicy) -> Result<(), Violation> {
+    let src_mac: Mac = [h[6], h[7], h[8], h[9], h[10], h[11]];
+    if !policy.macs.contains(&src_mac) {
+        return Err(Violation::SrcMac);
+    }
+    let at = FAST4_IP + IPV4_SRC;
+    let src = [h[at], h[at + 1], h[at + 2], h[at + 3]];
+    if policy.ipv4.contains(&Ipv4Addr::from(src)) {
+        return Ok(());
+    }
+    let l4 = FAST4_L4;
+    let ports = [h[l4], h[l4 + 1], h[l4 + 2], h[l4 + 3]];
+    if src == [0; 4] && udp && ports == DHCP_CLIENT_TO_SERVER {
+        Ok(())
+    } else {
+        Err(Violation::Ipv4Src)
+    }
+}
+
 /// Which way a frame crosses the port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -414,7 +498,7 @@ impl IpField for [u8; 16] {
 struct Rewrite<'a> {
     /// The MAC replaced and its replacement.
     mac: Option<(Mac, Mac)>,
-    ip_map: &'a [IpMap],
+    ip_map: &'a IpMaps,
     dir: Direction,
 }
 
@@ -459,6 +543,73 @@ impl<'a> Rewrite<'a> {
 
     fn ipv6_at(&self, b: &mut [u8], at: usize) -> Delta {
         swap(b, at, |addr: [u8; 16]| self.ip(addr))
+    }
+
+    /// `win`: the visible part of the window.
+    fn window(&self, win: &mut [u8]) {
+        match fast4(win) {
+            Some((h, rest, udp)) => self.fast4(h, rest, udp),
+            None => self.general(win),
+        }
+    }
+
+    /// [`Rewrite::frame`] whatever the frame's shape.
+    #[inline(never)]
+    fn general(&self, win: &mut [u8]) {
+        self.frame(win, parse(win));
+    }
+
+    /// The IPv4 address `addr` translates to, and the change to a checksum
+    /// that covers it.
+    #[inline(always)]
+    fn v4(&self, addr: [u8; 4]) -> Option<([u8; 4], u16)> {
+        let v4 = self.ip_map.v4().iter();
+        match self.dir {
+            Direction::Ingress => v4
+                .filter(|t| t.guest == addr)
+                .map(|t| (t.identity, t.to_identity))
+                .next(),
+            Direction::Egress => v4
+                .filter(|t| t.identity == addr)
+                .map(|t| (t.guest, t.to_guest))
+                .next(),
+        }
+    }
+
+    /// Translates the IPv4 address at `at` in `h`; returns the change.
+    #[inline(always)]
+    fn v4_at(&self, h: &mut [u8; FAST4_LEN], at: usize) -> Delta {
+        let Some(field) = array_mut::<4>(h, at) else {
+            return Delta::NONE;
+        };
+        match self.v4(*field) {
+            Some((new, d)) => {
+                *field = new;
+                Delta(Some(d))
+            }
+            None => Delta::NONE,
+        }
+    }
+
+    /// [`Rewrite::frame`] on a frame of [`fast4`]'s shape.
+    #[inline(always)]
+    fn fast4(&self, h: &mut [u8; FAST4_LEN], rest: &mut [u8], udp: bool) {
+        let d = self.v4_at(h, FAST4_IP + IPV4_SRC) + self.v4_at(h, FAST4_IP + IPV4_DST);
+        if d != Delta::NONE {
+            d.set(h, FAST4_IP + IPV4_CSUM);
+            if udp {
+                d.apply_udp(h, FAST4_L4 + UDP_CSUM);
+            } else {
+                d.set(rest, FAST4_L4 + TCP_CSUM - FAST4_LEN);
+            }
+        }
+        if let Some((from, to)) = self.mac {
+            for at in [ETH_DST, ETH_SRC] {
+                if let Some(mac) = array_mut::<6>(h, at).filter(|mac| **mac == from) {
+                    *mac = to;
+                }
+            }
+        }
     }
 
     /// `win`: the visible part of the window; `net`: its parse.
@@ -658,7 +809,15 @@ impl Delta {
 
     /// `old` replaced by `new`, of the same even length.
     fn of(old: &[u8], new: &[u8]) -> Delta {
-        Delta(Some(fold(u32::from(!fold(sum16(old))) + sum16(new))))
+        Delta(Some(checksum_delta(old, new)))
+    }
+
+    /// [`Delta::apply`], without the change to the checksum field.
+    #[inline(always)]
+    fn set(self, b: &mut [u8], at: usize) {
+        if let (Some(d), Some(field)) = (self.0, array_mut::<2>(b, at)) {
+            *field = (!fold(u32::from(!u16::from_be_bytes(*field)) + u32::from(d))).to_be_bytes();
+        }
     }
 
     /// Updates the checksum at `at` in `b`, if there; returns the change to
@@ -672,15 +831,17 @@ impl Delta {
 
     /// [`Delta::apply`] to a UDP checksum: zero (none) stays zero, and a
     /// computed zero is written `0xffff` (RFC 768).
+    #[inline(always)]
     fn apply_udp(self, b: &mut [u8], at: usize) {
         if let Some(field) = array_mut::<2>(b, at).filter(|f| **f != [0, 0]) {
-            self.adjust(field);
+            self.set(field, 0);
             if *field == [0, 0] {
                 *field = [0xff, 0xff];
             }
         }
     }
 
+    #[inline(always)]
     fn adjust(self, field: &mut [u8; 2]) -> Delta {
         let Some(d) = self.0 else {
             return Delta::NONE;
@@ -702,6 +863,14 @@ impl Add for Delta {
     }
 }
 
+/// What replacing `old` by `new` (of the same even length, at an even
+/// offset in what a checksum covers) adds to the checksum's complement
+/// (RFC 1624, eqn. 3): the sum of the old words' complements and the new
+/// words, folded. See [`Delta`].
+pub(crate) fn checksum_delta(old: &[u8], new: &[u8]) -> u16 {
+    fold(u32::from(!fold(sum16(old))) + sum16(new))
+}
+
 /// Sum of `b` as big-endian 16-bit words, not folded.
 fn sum16(b: &[u8]) -> u32 {
     b.iter()
@@ -711,11 +880,13 @@ fn sum16(b: &[u8]) -> u32 {
 }
 
 /// Folds a sum of 16-bit words to 16 bits, end-around carry.
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
+///
+/// Twice is enough for any `u32`: the first leaves at most `0x1fffe`, the
+/// second at most `0xffff`; one more would change nothing.
+#[inline(always)]
+fn fold(sum: u32) -> u16 {
+    let sum = (sum & 0xffff) + (sum >> 16);
+    ((sum & 0xffff) + (sum >> 16)) as u16
 }
 
 /// The solicited-node multicast group of `addr` (RFC 4291, 2.7.1).
@@ -967,7 +1138,8 @@ mod tests {
                     identity: ID6.into(),
                     guest: GUEST6.into(),
                 },
-            ],
+            ]
+            .into(),
         }
     }
 
@@ -1516,14 +1688,14 @@ mod tests {
         let (guest, identity) = view("ICMP port unreachable");
         let nothing = PortPolicy {
             mac_map: None,
-            ip_map: vec![],
+            ip_map: IpMaps::default(),
             ..policy()
         };
         assert_eq!(ingress_of(&guest, WINDOW, &nothing), guest);
         // The MAC alone: without a guest MAC, or one that is the identity's,
         // there is none.
         let mac_only = PortPolicy {
-            ip_map: vec![],
+            ip_map: IpMaps::default(),
             ..policy()
         };
         let mapped = ingress_of(&guest, WINDOW, &mac_only);
@@ -2065,7 +2237,7 @@ mod tests {
         // Without mapping, ingress is the check alone.
         let unmapped = PortPolicy {
             mac_map: None,
-            ip_map: vec![],
+            ip_map: IpMaps::default(),
             ..policy()
         };
         for c in cases() {
@@ -2088,6 +2260,272 @@ mod tests {
         for (v, name) in names {
             assert_eq!(DropReason::from(v).name(), name);
         }
+    }
+
+    /// The checksum change of RFC 1624 (eqn. 3) as first written: byte by
+    /// byte, folded in a loop.
+    fn reference_delta(old: &[u8], new: &[u8]) -> u16 {
+        let sum = |b: &[u8]| -> u32 {
+            b.iter()
+                .enumerate()
+                .map(|(i, &byte)| u32::from(byte) << if i % 2 == 0 { 8 } else { 0 })
+                .sum()
+        };
+        let fold = |mut sum: u32| {
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            sum as u16
+        };
+        fold(u32::from(!fold(sum(old))) + sum(new))
+    }
+
+    #[test]
+    fn fold_is_the_loop() {
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        let edges = [
+            0,
+            1,
+            0xfffe,
+            0xffff,
+            0x1_0000,
+            0x1_fffe,
+            0x1_ffff,
+            0xffff_fffe,
+            u32::MAX,
+        ];
+        let randoms: Vec<u32> = (0..100_000).map(|_| rng.next() as u32).collect();
+        for &x in edges.iter().chain(&randoms) {
+            let mut sum = x;
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            assert_eq!(fold(x), sum as u16, "{x:#x}");
+        }
+    }
+
+    #[test]
+    fn precomputed_checksum_deltas_are_the_reference() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let mut pairs4: Vec<([u8; 4], [u8; 4])> = vec![
+            (ID4, GUEST4),
+            (ID4, ID4),
+            ([0; 4], [0xff; 4]),
+            ([0xff; 4], [0; 4]),
+            ([0; 4], [0; 4]),
+            ([0xff; 4], [0xff; 4]),
+        ];
+        let mut pairs6: Vec<([u8; 16], [u8; 16])> =
+            vec![(ID6, GUEST6), ([0; 16], [0xff; 16]), ([0xff; 16], [0; 16])];
+        for _ in 0..2_000 {
+            pairs4.push((
+                (rng.next() as u32).to_be_bytes(),
+                (rng.next() as u32).to_be_bytes(),
+            ));
+            let a = u128::from(rng.next()) << 64 | u128::from(rng.next());
+            let b = u128::from(rng.next()) << 64 | u128::from(rng.next());
+            pairs6.push((a.to_be_bytes(), b.to_be_bytes()));
+        }
+        let maps: IpMaps = pairs4
+            .iter()
+            .map(|&(identity, guest)| IpMap::V4 {
+                identity: identity.into(),
+                guest: guest.into(),
+            })
+            .chain(pairs6.iter().map(|&(identity, guest)| IpMap::V6 {
+                identity: identity.into(),
+                guest: guest.into(),
+            }))
+            .collect();
+        assert_eq!(maps.len(), pairs4.len() + pairs6.len());
+        assert_eq!(maps.v4().len(), pairs4.len());
+        assert_eq!(maps.v6().len(), pairs6.len());
+        for (t, &(identity, guest)) in maps.v4().iter().zip(&pairs4) {
+            assert_eq!((t.identity, t.guest), (identity, guest));
+            assert_eq!(t.to_identity, reference_delta(&guest, &identity));
+            assert_eq!(t.to_guest, reference_delta(&identity, &guest));
+        }
+        for (t, &(identity, guest)) in maps.v6().iter().zip(&pairs6) {
+            assert_eq!((t.identity, t.guest), (identity, guest));
+            assert_eq!(t.to_identity, reference_delta(&guest, &identity));
+            assert_eq!(t.to_guest, reference_delta(&identity, &guest));
+        }
+    }
+
+    #[test]
+    fn precomputed_deltas_give_the_recomputed_checksums() {
+        // Random translations, and frames between random addresses: what
+        // the precomputed deltas write is what a checksum from scratch is.
+        let mut rng = XorShift(0x0123_4567_89ab_cdef);
+        for _ in 0..2_000 {
+            let addr = |rng: &mut XorShift| (rng.next() as u32).to_be_bytes();
+            let (guest, identity, peer) = (addr(&mut rng), addr(&mut rng), addr(&mut rng));
+            if guest == peer || identity == peer || guest == identity {
+                continue;
+            }
+            let p = PortPolicy {
+                ip_map: vec![IpMap::V4 {
+                    identity: identity.into(),
+                    guest: guest.into(),
+                }]
+                .into(),
+                ..policy()
+            };
+            let payload: Vec<u8> = (0..rng.below(40)).map(|_| rng.next() as u8).collect();
+            let sport = rng.next() as u16;
+            let l4 = if rng.next() % 2 == 0 {
+                (IPPROTO_UDP, udp(sport, 53, &payload))
+            } else {
+                (IPPROTO_TCP, tcp_data(sport, 443, payload.len()))
+            };
+            let frame = |src, dst| eth(PEER_MAC, GUEST_MAC, ETH_P_IP, &ipv4(src, dst, l4.0, &l4.1));
+            let (from_guest, from_identity) = (frame(guest, peer), frame(identity, peer));
+            let mut w = from_guest.clone();
+            let n = w.len();
+            map_ingress(&mut w, n, &p, None);
+            assert_eq!(w, from_identity);
+            let (to_guest, to_identity) = (frame(peer, guest), frame(peer, identity));
+            let mut w = to_identity.clone();
+            let n = w.len();
+            map_egress(&mut w, n, &p, None);
+            assert_eq!(w, to_guest);
+        }
+    }
+
+    /// Frames of the fast path's shape and around it: IPv4 TCP and UDP
+    /// between the guest's, the identity's and others' addresses, their
+    /// bytes that steer the fast path or that it rewrites set to values at
+    /// its edges.
+    fn fast_path_frames(rng: &mut XorShift) -> Vec<u8> {
+        let addrs = [GUEST4, ID4, PEER4, [0; 4]];
+        let macs = [GUEST_MAC, ID_MAC, PEER_MAC];
+        let src = addrs[rng.below(addrs.len())];
+        let dst = addrs[rng.below(addrs.len())];
+        let (proto, l4) = match rng.below(4) {
+            0 => (IPPROTO_TCP, tcp_syn(41_952, 443)),
+            1 => (IPPROTO_TCP, tcp_data(443, 41_952, rng.below(30))),
+            2 => (IPPROTO_UDP, udp(68, 67, &vec![7; rng.below(30)])),
+            _ => (
+                IPPROTO_UDP,
+                udp_no_checksum(53, 53, &vec![9; rng.below(30)]),
+            ),
+        };
+        let mut f = eth(
+            macs[rng.below(macs.len())],
+            macs[rng.below(macs.len())],
+            ETH_P_IP,
+            &ipv4(src, dst, proto, &l4),
+        );
+        let steer: [(usize, &[u8]); 12] = [
+            (ETH_TYPE, &[0x08, 0x86, 0x81, 0x88, 0x00]),
+            (ETH_TYPE + 1, &[0x00, 0x06, 0xdd, 0x01]),
+            (ETH_HLEN, &[0x45, 0x46, 0x44, 0x65, 0x4f, 0x55]),
+            (ETH_HLEN + 1, &[0x00, 0xff, 0x45]),
+            (ETH_HLEN + 2, &[0x00, 0x01]),
+            (ETH_HLEN + 3, &[0, 20, 27, 28, 37, 38, 39, 60]),
+            (ETH_HLEN + 6, &[0x00, 0x20, 0x40, 0x01, 0x1f, 0xe0]),
+            (ETH_HLEN + 7, &[0x00, 0x01, 0xff]),
+            (ETH_HLEN + 9, &[IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, 0]),
+            (ETH_HLEN + IPV4_CSUM, &[0x00, 0xff]),
+            (FAST4_L4 + UDP_CSUM, &[0x00, 0xff]),
+            (FAST4_L4 + TCP_CSUM, &[0x00, 0xff]),
+        ];
+        for _ in 0..rng.below(4) {
+            let (at, values) = steer[rng.below(steer.len())];
+            let value = values[rng.below(values.len())];
+            let width = if rng.next() % 2 == 0 { 1 } else { 2 };
+            for b in f.iter_mut().skip(at).take(width) {
+                *b = value;
+            }
+        }
+        f
+    }
+
+    #[test]
+    fn the_fast_path_is_the_general_one() {
+        let policies = [
+            policy(),
+            PortPolicy {
+                trusted: true,
+                ..policy()
+            },
+            PortPolicy {
+                mac_map: None,
+                ip_map: IpMaps::default(),
+                ..policy()
+            },
+            PortPolicy {
+                ip_map: IpMaps::default(),
+                ..policy()
+            },
+            PortPolicy {
+                mac_map: None,
+                ..policy()
+            },
+            PortPolicy {
+                macs: vec![],
+                ipv4: vec![],
+                ..policy()
+            },
+            PortPolicy {
+                // Two translations of one address: the first wins.
+                ip_map: [
+                    policy().ip_map.to_vec(),
+                    vec![
+                        IpMap::V4 {
+                            identity: PEER4.into(),
+                            guest: GUEST4.into(),
+                        },
+                        IpMap::V4 {
+                            identity: ID4.into(),
+                            guest: PEER4.into(),
+                        },
+                    ],
+                ]
+                .concat()
+                .into(),
+                ..policy()
+            },
+        ];
+        let guest_macs = [Some(GUEST_MAC), Some(ID_MAC), None];
+        let mut rng = XorShift(0x5851_f42d_4c95_7f2d);
+        let mut fast = 0;
+        for _ in 0..100_000 {
+            let frame = fast_path_frames(&mut rng);
+            let frame_len = match rng.below(4) {
+                0 => rng.below(frame.len() + 1),
+                1 => frame.len() + rng.below(100),
+                _ => frame.len(),
+            };
+            let n = match rng.below(3) {
+                0 => rng.below(frame.len() + 1),
+                _ => frame.len().min(WINDOW),
+            };
+            let p = &policies[rng.below(policies.len())];
+            let guest_mac = guest_macs[rng.below(guest_macs.len())];
+            let mut w = frame[..n].to_vec();
+            if fast4(visible(&mut w, frame_len)).is_some() {
+                fast += 1;
+            }
+            // Ingress: mapped and checked.
+            let mut general = frame[..n].to_vec();
+            let want = general_ingress(visible(&mut general, frame_len), p, guest_mac);
+            let got = ingress(&mut w, frame_len, p, guest_mac);
+            assert_eq!((got, &w), (want, &general), "{frame:02x?} {frame_len}");
+            // Each way, mapped only.
+            for dir in [Direction::Ingress, Direction::Egress] {
+                let Some(rw) = Rewrite::new(p, guest_mac, dir) else {
+                    continue;
+                };
+                let mut general = frame[..n].to_vec();
+                rw.general(visible(&mut general, frame_len));
+                let mut w = frame[..n].to_vec();
+                rw.window(visible(&mut w, frame_len));
+                assert_eq!(w, general, "{dir:?} {frame:02x?} {frame_len}");
+            }
+        }
+        // Most frames take the fast path, and many do not.
+        assert!((25_000..75_000).contains(&fast), "{fast}");
     }
 
     /// Marsaglia's xorshift64.

@@ -811,7 +811,8 @@ mod tests {
                     identity: "2001:db8::1".parse().unwrap(),
                     guest: "fd00::1".parse().unwrap(),
                 },
-            ],
+            ]
+            .into(),
         };
         assert_eq!(port_policy(&p, &[&x, &y]), Some(want.clone()));
         // The first bound identity is the one mapped.
