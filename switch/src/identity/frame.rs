@@ -598,7 +598,7 @@ impl<'a> Rewrite<'a> {
         if d != Delta::NONE {
             d.set(h, FAST4_IP + IPV4_CSUM);
             if udp {
-                d.apply_udp(h, FAST4_L4 + UDP_CSUM);
+                d.set_udp(h, FAST4_L4 + UDP_CSUM);
             } else {
                 d.set(rest, FAST4_L4 + TCP_CSUM - FAST4_LEN);
             }
@@ -816,7 +816,20 @@ impl Delta {
     #[inline(always)]
     fn set(self, b: &mut [u8], at: usize) {
         if let (Some(d), Some(field)) = (self.0, array_mut::<2>(b, at)) {
-            *field = (!fold(u32::from(!u16::from_be_bytes(*field)) + u32::from(d))).to_be_bytes();
+            adjust_as_stored(field, d);
+        }
+    }
+
+    /// [`Delta::apply_udp`].
+    #[inline(always)]
+    fn set_udp(self, b: &mut [u8], at: usize) {
+        if let (Some(d), Some(field)) = (self.0, array_mut::<2>(b, at)) {
+            if *field != [0, 0] {
+                adjust_as_stored(field, d);
+                if *field == [0, 0] {
+                    *field = [0xff, 0xff];
+                }
+            }
         }
     }
 
@@ -861,6 +874,17 @@ impl Add for Delta {
             (a, b) => Delta(a.or(b)),
         }
     }
+}
+
+/// [`Delta::adjust`] without the change it returns, worked out on the
+/// checksum as stored rather than as a big-endian number: ones' complement
+/// sums come out the same in either byte order (RFC 1071, 2.B), so one
+/// swap of `d` replaces two of the field. `d`: a [`Delta`]'s value.
+#[inline(always)]
+fn adjust_as_stored(field: &mut [u8; 2], d: u16) {
+    let d = u16::from_ne_bytes(d.to_be_bytes());
+    let old = u16::from_ne_bytes(*field);
+    *field = (!fold(u32::from(!old) + u32::from(d))).to_ne_bytes();
 }
 
 /// What replacing `old` by `new` (of the same even length, at an even
@@ -2301,6 +2325,24 @@ mod tests {
                 sum = (sum & 0xffff) + (sum >> 16);
             }
             assert_eq!(fold(x), sum as u16, "{x:#x}");
+        }
+    }
+
+    #[test]
+    fn a_checksum_adjusted_as_stored_is_adjusted_as_a_number() {
+        let mut rng = XorShift(0xda94_2042_e4dd_58b5);
+        let edges = [0u16, 1, 0xfe, 0xff, 0x100, 0xfeff, 0xff00, 0xfffe, 0xffff];
+        let mut pairs: Vec<(u16, u16)> = edges
+            .iter()
+            .flat_map(|&a| edges.iter().map(move |&b| (a, b)))
+            .collect();
+        pairs.extend((0..100_000).map(|_| (rng.next() as u16, rng.next() as u16)));
+        for (csum, d) in pairs {
+            let mut want = csum.to_be_bytes();
+            Delta(Some(d)).adjust(&mut want);
+            let mut got = csum.to_be_bytes();
+            adjust_as_stored(&mut got, d);
+            assert_eq!(got, want, "{csum:#x} {d:#x}");
         }
     }
 
