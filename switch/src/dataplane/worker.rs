@@ -516,11 +516,22 @@ impl Worker {
     }
 
     /// Handle every queued command. Returns false on shutdown.
+    ///
+    /// A command's sender waits for the answer; when it shares this
+    /// worker's core (no `--worker-cpus`), a worker that goes on polling
+    /// keeps it waiting until the scheduler takes the core away,
+    /// milliseconds later. So after answering, the worker yields once: a
+    /// system call per batch of commands, never on the frame path.
     fn handle_commands(&mut self) -> bool {
+        let mut answered = false;
         while let Ok(cmd) = self.commands.try_recv() {
             if !self.handle(cmd) {
                 return false;
             }
+            answered = true;
+        }
+        if answered {
+            std::thread::yield_now();
         }
         true
     }
