@@ -330,9 +330,28 @@ impl<'a> FrameRef<'a> {
     /// Copy the frame's first `win.len()` bytes (at most `len`) to `win`.
     #[inline]
     fn copy_head(&self, win: &mut [u8]) {
-        // SAFETY: `win` holds `win.len()` bytes, at most `len` (the
-        // caller's slice), which the frame holds.
-        unsafe { FrameCursor::new(self).copy_to(win.as_mut_ptr(), win.len() as u32) };
+        let n = win.len() as u32;
+        // Usually the frame's head lies in one buffer (its first, or the
+        // rewritten head): one copy, no cursor.
+        let one = match (self.head.is_empty(), self.segs.first()) {
+            (true, Some(first)) if first.len >= self.skip + n => {
+                // SAFETY: the first segment holds `skip + n` readable
+                // bytes (checked just above).
+                Some(unsafe { first.ptr.add(self.skip as usize) } as *const u8)
+            }
+            (false, _) if self.head.len() as u32 >= n => Some(self.head.as_ptr()),
+            _ => None,
+        };
+        match one {
+            // SAFETY: `src` has `n` readable bytes (above), `win` is a
+            // local buffer of `n` bytes, which guest memory cannot overlap.
+            Some(src) => unsafe {
+                std::ptr::copy_nonoverlapping(src, win.as_mut_ptr(), n as usize)
+            },
+            // SAFETY: `win` holds `n` bytes, at most `len` (the caller's
+            // slice), which the frame holds.
+            None => unsafe { FrameCursor::new(self).copy_to(win.as_mut_ptr(), n) },
+        }
     }
 }
 
