@@ -311,14 +311,24 @@ pub fn validate_name(name: &str) -> Result<(), PortError> {
 #[derive(Default)]
 pub struct SessionStatus {
     connected: AtomicBool,
+    /// The guest's connection has ended; the port is being torn down
+    /// (`connected` turns false once it is).
+    ending: AtomicBool,
     connections: AtomicU64,
     /// A clone of the current connection, so that removal can cut it.
     conn: Mutex<Option<UnixStream>>,
 }
 
 impl SessionStatus {
+    /// A guest is connected and the port fully set up for it, or still
+    /// being torn down after it left.
     pub fn connected(&self) -> bool {
         self.connected.load(Ordering::Relaxed)
+    }
+
+    /// A guest is connected and has not left: what failover judges by.
+    pub fn live(&self) -> bool {
+        self.connected() && !self.ending.load(Ordering::Relaxed)
     }
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
@@ -609,6 +619,7 @@ impl Session {
         if let (Ok(mut c), Ok(clone)) = (self.status.conn.lock(), stream.try_clone()) {
             *c = Some(clone);
         }
+        self.status.ending.store(false, Ordering::Relaxed);
         self.status.connected.store(true, Ordering::Relaxed);
         self.status.connections.fetch_add(1, Ordering::Relaxed);
         log::info!("port {}: guest connected", self.name);
@@ -644,25 +655,19 @@ impl Session {
         if let Ok(mut c) = self.status.conn.lock() {
             *c = None;
         }
-        if stopping {
-            self.disconnected();
-        }
-        !stopping
-    }
-
-    /// The port shows as disconnected, and says so.
-    fn disconnected(&self) {
         self.status.connected.store(false, Ordering::Relaxed);
         self.events
             .emit("port.disconnected", json!({ "port": self.name }));
+        !stopping
     }
 
-    /// The guest went away by itself: say so and tell the identity monitor
-    /// at once, before the port's rings are torn down and it is detached
-    /// (which waits for its worker), so that its identities fail over
-    /// without that wait.
+    /// The guest went away by itself: tell the identity monitor at once,
+    /// before the port's rings are torn down and it is detached (which
+    /// waits for its worker), so that its identities fail over without
+    /// that wait. The port shows as disconnected, and says so, once it is
+    /// torn down.
     fn went_away(&self) {
-        self.disconnected();
+        self.status.ending.store(true, Ordering::Relaxed);
         let _ = self.down.send(self.idx);
     }
 }

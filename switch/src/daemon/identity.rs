@@ -109,7 +109,7 @@ impl Switch {
     fn port_state(&self, ports: &PortTable, name: &str) -> Option<PortState> {
         let p = ports.get(name).ok()?;
         Some(PortState {
-            connected: p.status.connected(),
+            connected: p.status.live(),
             attached: self.dp.owner(p.idx).is_some(),
             broken: p.broken(),
             rx_stalled_since: p.stats.rx_stalled_since(),
