@@ -52,15 +52,20 @@ impl Meter {
         }
     }
 
+    /// Debit both buckets with `c` tokens.
+    #[inline]
+    fn debit(&mut self, c: u64) {
+        self.avg.debit(c);
+        if let Some(p) = self.peak.as_mut() {
+            p.debit(c);
+        }
+    }
+
     /// Debit the buckets with what the fast path took.
     #[inline]
     fn settle(&mut self) {
         if self.owed != 0 {
-            let owed = self.owed as u64;
-            self.avg.debit(owed);
-            if let Some(p) = self.peak.as_mut() {
-                p.debit(owed);
-            }
+            self.debit(self.owed as u64);
             self.owed = 0;
         }
         self.at = NEVER;
@@ -114,6 +119,13 @@ impl Meter {
     pub fn take(&mut self, len: u32, now: u64) -> bool {
         // A cost is at most MAX_FRAME_LEN × 8: no overflow.
         let c = self.cost(len) as i64;
+        self.take_credit(c, now) || self.take_slow(c as u64, now)
+    }
+
+    /// Take `c` tokens from the credit both buckets hold at `now`, if it
+    /// covers them.
+    #[inline]
+    fn take_credit(&mut self, c: i64, now: u64) -> bool {
         if now != self.at {
             self.sync(now);
         }
@@ -122,7 +134,7 @@ impl Meter {
             self.owed += c;
             return true;
         }
-        self.take_slow(c as u64, now)
+        false
     }
 
     /// Take the tokens of `frames` frames of `bytes` bytes in all if both
@@ -136,15 +148,7 @@ impl Meter {
         } else {
             i64::try_from(bytes.saturating_mul(8)).unwrap_or(i64::MAX)
         };
-        if now != self.at {
-            self.sync(now);
-        }
-        if c <= self.credit {
-            self.credit -= c;
-            self.owed += c;
-            return true;
-        }
-        false
+        self.take_credit(c, now)
     }
 
     /// Settle, bring both buckets up to `now` and work out the credit.
@@ -177,10 +181,7 @@ impl Meter {
         // Both buckets are up to `now`: ask them.
         let ok = self.allows_settled(c, now);
         if ok {
-            self.avg.debit(c);
-            if let Some(p) = self.peak.as_mut() {
-                p.debit(c);
-            }
+            self.debit(c);
             self.credit = self.held();
         }
         ok
