@@ -25,6 +25,8 @@
 //! of the machine's CPU is run again (`--retries`); the tables say how
 //! busy the machine was.
 
+#[path = "../../rig_args.rs"]
+mod rig_args;
 #[path = "../../run_control.rs"]
 mod run_control;
 #[path = "../../sysstat.rs"]
@@ -42,6 +44,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use rig_args::RigArgs;
 use serde_json::{json, Value};
 
 use flood::{Config, Flood};
@@ -175,21 +178,8 @@ struct Args {
     /// Entries per guest virtqueue of the cost lines.
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
-    /// Runs of a line again while others took 5% of the CPU or more.
-    #[arg(long, default_value_t = 2)]
-    retries: usize,
-    /// Core of vioswitch.
-    #[arg(long, default_value_t = 1)]
-    dut_core: usize,
-    /// Core of the generator (this process).
-    #[arg(long, default_value_t = 0)]
-    gen_core: usize,
-    /// The vioswitch binary [default: <workspace>/target/release/vioswitch].
-    #[arg(long)]
-    vioswitch: Option<PathBuf>,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    rig: RigArgs,
 }
 
 /// Share of the machine's CPU at which a line is not quiet.
@@ -242,7 +232,7 @@ impl Bench {
             tries += 1;
             let (value, cpu) = line()?;
             let q = Quiet { value, cpu, tries };
-            if q.busy_pct() < BUSY_PCT || tries > self.args.retries {
+            if q.busy_pct() < BUSY_PCT || tries > self.args.rig.retries {
                 return Ok(q);
             }
             eprintln!("   busy ({:.1}% of the CPU to others): again", q.busy_pct());
@@ -264,7 +254,7 @@ impl Bench {
         self.quiet(|| {
             let mut live = Live::start(
                 &self.binary,
-                (a.dut_core, a.gen_core, split),
+                (a.rig.dut_core, a.rig.gen_core, split),
                 self.gap(),
                 failover,
                 a.stall_ms,
@@ -372,8 +362,8 @@ impl Bench {
         self.quiet(|| {
             let mut f = Flood::start(
                 &self.binary,
-                a.dut_core,
-                a.gen_core,
+                a.rig.dut_core,
+                a.rig.gen_core,
                 config,
                 size,
                 a.queue_size,
@@ -529,15 +519,6 @@ fn us(x: f64) -> String {
     }
 }
 
-/// `<workspace>/target/release/vioswitch`, or under `CARGO_TARGET_DIR`.
-fn default_vioswitch() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
-        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target")),
-        PathBuf::from,
-    );
-    target.join("release/vioswitch")
-}
-
 fn run(args: Args) -> Result<(), BenchError> {
     if let Some(s) = args.cost_sizes.iter().find(|s| !(64..=1518).contains(*s)) {
         return Err(BenchError(format!("cost size {s} out of 64..=1518")));
@@ -548,18 +529,18 @@ fn run(args: Args) -> Result<(), BenchError> {
         ));
     }
     install_signals().map_err(BenchError)?;
-    pin_current_thread(args.gen_core).map_err(BenchError)?;
+    pin_current_thread(args.rig.gen_core).map_err(BenchError)?;
     let t0 = Instant::now();
     let mut bench = Bench {
-        binary: args.vioswitch.clone().unwrap_or_else(default_vioswitch),
+        binary: args.rig.vioswitch(),
         json: Vec::new(),
         args: args.clone(),
     };
     println!(
         "## Identities (vioswitch at {}, switch core {}, generator core {})",
         bench.binary.display(),
-        args.dut_core,
-        args.gen_core
+        args.rig.dut_core,
+        args.rig.gen_core
     );
     let mut res = Ok(());
     for part in &args.only {
@@ -573,7 +554,7 @@ fn run(args: Args) -> Result<(), BenchError> {
         }
     }
     println!("\n(total {:.0?})", t0.elapsed());
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.rig.json {
         let doc = json!({"args": format!("{args:?}"), "parts": bench.json});
         let text =
             serde_json::to_string_pretty(&doc).map_err(|e| BenchError(format!("JSON: {e}")))?;

@@ -30,6 +30,8 @@
 //! 5% of the machine's CPU is run again (`--retries`); the tables say how
 //! busy the machine was.
 
+#[path = "../../rig_args.rs"]
+mod rig_args;
 #[path = "../../run_control.rs"]
 mod run_control;
 #[path = "../../sysstat.rs"]
@@ -46,6 +48,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use rig_args::RigArgs;
 use serde_json::{json, Value};
 use vioswitch_testkit::guest::GuestError;
 use vioswitch_testkit::switch::{HarnessError, SwitchOptions, SwitchProcess};
@@ -234,21 +237,8 @@ struct Args {
     /// Disk requests kept in flight.
     #[arg(long, default_value_t = 32)]
     depth: usize,
-    /// Runs of a line again while others took over 5% of the CPU.
-    #[arg(long, default_value_t = 2)]
-    retries: usize,
-    /// Core of vioswitch.
-    #[arg(long, default_value_t = 1)]
-    dut_core: usize,
-    /// Core of the generator (this process).
-    #[arg(long, default_value_t = 0)]
-    gen_core: usize,
-    /// The vioswitch binary [default: <workspace>/target/release/vioswitch].
-    #[arg(long)]
-    vioswitch: Option<PathBuf>,
-    /// Write the results as JSON to this file.
-    #[arg(long)]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    rig: RigArgs,
 }
 
 /// Share of the machine's CPU above which a line is not quiet.
@@ -311,7 +301,7 @@ impl Bench {
             tries += 1;
             let (value, cpu) = f()?;
             let m = Measured { value, cpu, tries };
-            if m.busy_pct() < BUSY_PCT || tries > self.args.retries {
+            if m.busy_pct() < BUSY_PCT || tries > self.args.rig.retries {
                 return Ok(m);
             }
             eprintln!("   busy ({:.1}% of the CPU to others): again", m.busy_pct());
@@ -335,8 +325,8 @@ impl Bench {
             flows,
             size,
             queue_size,
-            a.dut_core,
-            a.gen_core,
+            a.rig.dut_core,
+            a.rig.gen_core,
         )?;
         for (p, s) in specs {
             rig.set_qos(*p, s)?;
@@ -676,7 +666,8 @@ impl Bench {
     ) -> Result<Measured<Vec<(f64, u64)>>, QosBenchError> {
         let a = &self.args;
         self.quiet(|| {
-            let mut rig = DiskRig::start(&self.binary, image, a.depth, a.dut_core, a.gen_core)?;
+            let mut rig =
+                DiskRig::start(&self.binary, image, a.depth, a.rig.dut_core, a.rig.gen_core)?;
             if let Some(s) = spec {
                 rig.set_qos(s)?;
             }
@@ -842,17 +833,6 @@ fn fmt_bps(b: f64) -> String {
     }
 }
 
-fn default_vioswitch() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_default();
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("release/vioswitch")
-}
-
 fn run(args: Args) -> Result<(), QosBenchError> {
     for &s in std::iter::once(&args.size)
         .chain(&args.cost_sizes)
@@ -870,18 +850,18 @@ fn run(args: Args) -> Result<(), QosBenchError> {
         ));
     }
     install_signals().map_err(QosBenchError::Setup)?;
-    pin_current_thread(args.gen_core).map_err(QosBenchError::Setup)?;
+    pin_current_thread(args.rig.gen_core).map_err(QosBenchError::Setup)?;
     let t0 = Instant::now();
     let mut bench = Bench {
-        binary: args.vioswitch.clone().unwrap_or_else(default_vioswitch),
+        binary: args.rig.vioswitch(),
         json: Vec::new(),
         args: args.clone(),
     };
     println!(
         "## QoS (vioswitch at {}, switch core {}, generator core {})",
         bench.binary.display(),
-        args.dut_core,
-        args.gen_core
+        args.rig.dut_core,
+        args.rig.gen_core
     );
     let mut res = Ok(());
     for part in &args.only {
@@ -897,7 +877,7 @@ fn run(args: Args) -> Result<(), QosBenchError> {
         }
     }
     println!("\n(total {:.0?})", t0.elapsed());
-    if let Some(p) = &args.json {
+    if let Some(p) = &args.rig.json {
         let doc = json!({"args": format!("{args:?}"), "parts": bench.json});
         let text = serde_json::to_string_pretty(&doc)
             .map_err(|e| QosBenchError::Setup(format!("JSON: {e}")))?;
