@@ -10,24 +10,18 @@
 //! One guest at a time (a lock: 2 cores); deadlines only bound a hang.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vioswitch_testkit::qemu::{
-    payload, sha256_file_range, sha256_hex, BlkJob, DiskAttach, GuestConfig, GuestImage,
-    GuestResult, Pattern, QemuGuest, BLK_SUM_MARKER, BLK_WRITTEN_MARKER, FS_READ_MARKER,
-    FS_WRITTEN_MARKER, REBOOT_MARKER,
+    one_at_a_time, payload, sha256_file_range, sha256_hex, BlkJob, DiskAttach, GuestConfig,
+    GuestImage, GuestResult, Pattern, QemuGuest, BLK_SUM_MARKER, BLK_WRITTEN_MARKER,
+    FS_READ_MARKER, FS_WRITTEN_MARKER, REBOOT_MARKER,
 };
 use vioswitch_testkit::switch::{SwitchOptions, SwitchProcess};
 
 const BOOT: Duration = Duration::from_secs(120);
 const JOB: Duration = Duration::from_secs(300);
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn image() -> GuestImage {
     GuestImage::ensure().expect("guest image (scripts/guest-kernel.sh)")
@@ -87,7 +81,7 @@ impl SwitchDisk {
 
 #[test]
 fn guest_reads_a_known_image_through_the_switch() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const LEN: u64 = 16 << 20;
     let content = payload(LEN as usize);
@@ -122,7 +116,7 @@ fn guest_reads_a_known_image_through_the_switch() {
 
 #[test]
 fn guest_write_with_fsync_lands_in_the_backing_file() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const LEN: u64 = 8 << 20;
     // Neither the offset nor the length is a multiple of the sector size.
@@ -156,7 +150,7 @@ fn guest_write_with_fsync_lands_in_the_backing_file() {
 
 #[test]
 fn guest_filesystem_survives_a_guest_reboot() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const LEN: u64 = 32 << 20;
     let mut d = SwitchDisk::new(LEN, &[], json!({ "queues": 1 }));

@@ -15,23 +15,17 @@
 //! guest with 2 CPUs a 2-queue-pair port.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vioswitch_testkit::qemu::{
-    mac, payload, sha256_hex, GuestConfig, GuestImage, GuestNet, GuestResult, QemuError, QemuGuest,
-    QemuNetOpts, READY_MARKER,
+    mac, one_at_a_time, payload, sha256_hex, GuestConfig, GuestImage, GuestNet, GuestResult,
+    QemuError, QemuGuest, QemuNetOpts, READY_MARKER,
 };
 use vioswitch_testkit::switch::{vioswitch_bin, SwitchOptions, SwitchProcess};
 
 const BOOT: Duration = Duration::from_secs(120);
 const JOB: Duration = Duration::from_secs(300);
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn image() -> GuestImage {
     GuestImage::ensure().expect("guest image (scripts/guest-kernel.sh)")
@@ -72,7 +66,7 @@ fn show_stats(sw: &mut SwitchProcess, ports: &[&str]) {
 
 #[test]
 fn two_guests_ping_each_other_through_the_switch() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let (mut sw, s1, s2) = with_two_ports(switch());
     let t0 = Instant::now();
@@ -122,7 +116,7 @@ fn two_guests_ping_each_other_through_the_switch() {
 
 #[test]
 fn tcp_payload_crosses_the_switch_intact() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const BYTES: usize = 1 << 20;
     let expected = sha256_hex(&payload(BYTES)).expect("sha256sum");
@@ -180,7 +174,7 @@ fn tcp_payload_crosses_the_switch_intact() {
 
 #[test]
 fn traffic_resumes_after_a_guest_is_killed_and_restarted() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let (mut sw, s1, s2) = with_two_ports(switch());
     let t0 = Instant::now();
@@ -368,7 +362,7 @@ fn serving_peer(img: &GuestImage, s2: &Path) -> QemuGuest {
 
 #[test]
 fn guest_driver_reload_resets_the_device_on_the_same_connection() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let (mut sw, s1, s2) = with_two_ports(logged_switch());
     let t0 = Instant::now();
@@ -477,7 +471,7 @@ fn ping_across_resets(
 
 #[test]
 fn guest_system_reset_resets_the_device_on_the_same_connection() {
-    let _g = serial();
+    let _g = one_at_a_time();
     // A stays up after its result until the monitor resets it.
     ping_across_resets("system_reset", &["vio.linger=600"], true, 2, |a| {
         let out = a
@@ -489,7 +483,7 @@ fn guest_system_reset_resets_the_device_on_the_same_connection() {
 
 #[test]
 fn guest_reboot_from_inside_resets_the_device_on_the_same_connection() {
-    let _g = serial();
+    let _g = one_at_a_time();
     // A reboots itself after each result (`reboot -f`), forever.
     ping_across_resets("in-guest reboot", &["vio.then=reboot"], false, 2, |_| {});
 }
@@ -503,7 +497,7 @@ fn guest_reboot_from_inside_resets_the_device_on_the_same_connection() {
 /// `ADD_MEM_REG` twice (QEMU 8.0 sends it once), which it must accept.
 #[test]
 fn multiqueue_guest_talks_to_a_single_queue_guest() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const BYTES: usize = 1 << 20;
     let expected = sha256_hex(&payload(BYTES)).expect("sha256sum");

@@ -17,43 +17,31 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vioswitch_testkit::qemu::{
-    mac, payload, sha256_file_range, sha256_hex, BlkJob, GuestConfig, GuestImage, GuestNet,
-    GuestResult, Pattern, QemuGuest, QemuNetOpts, StorageDaemon, BLK_SUM_MARKER,
+    mac, one_at_a_time, payload, sha256_file_range, sha256_hex, BlkJob, GuestConfig, GuestImage,
+    GuestNet, GuestResult, Pattern, QemuGuest, QemuNetOpts, StorageDaemon, BLK_SUM_MARKER,
     BLK_WRITTEN_MARKER, FS_READ_MARKER, FS_WRITTEN_MARKER, READY_MARKER, REBOOT_MARKER,
 };
 
 const BOOT: Duration = Duration::from_secs(120);
 const JOB: Duration = Duration::from_secs(240);
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn image() -> GuestImage {
     GuestImage::ensure().expect("guest image (scripts/guest-kernel.sh)")
 }
 
-fn guest(name: &str, net: GuestNet, job: &str, args: &[&str]) -> GuestConfig {
-    GuestConfig {
-        name: name.into(),
-        net,
-        job: job.into(),
-        kernel_args: args.iter().map(|s| s.to_string()).collect(),
-        ..GuestConfig::default()
-    }
-}
-
 #[test]
 fn guest_boots_without_network() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let t0 = Instant::now();
-    let mut vm = QemuGuest::spawn(&img, guest("boot", GuestNet::None, "boot", &[])).unwrap();
+    let mut vm = QemuGuest::spawn(
+        &img,
+        GuestConfig::net_job("boot", GuestNet::None, "boot", &[]),
+    )
+    .unwrap();
     let first = vm.wait_for("VIOTEST-BOOT", BOOT).unwrap();
     let t_first = t0.elapsed();
     let r = vm.result(JOB).unwrap();
@@ -69,7 +57,7 @@ fn guest_boots_without_network() {
 
 #[test]
 fn two_guests_on_a_wire_ping_each_other() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let (na, nb) = GuestNet::udp_pair(&mac(1), &mac(2)).unwrap();
     let t0 = Instant::now();
@@ -85,8 +73,8 @@ fn two_guests_on_a_wire_ping_each_other() {
     let b = ping("10.0.0.2", "10.0.0.1");
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
     let b: Vec<&str> = b.iter().map(String::as_str).collect();
-    let mut vm_a = QemuGuest::spawn(&img, guest("wire-a", na, "ping", &a)).unwrap();
-    let mut vm_b = QemuGuest::spawn(&img, guest("wire-b", nb, "ping", &b)).unwrap();
+    let mut vm_a = QemuGuest::spawn(&img, GuestConfig::net_job("wire-a", na, "ping", &a)).unwrap();
+    let mut vm_b = QemuGuest::spawn(&img, GuestConfig::net_job("wire-b", nb, "ping", &b)).unwrap();
     let ready = vm_a.wait_for(READY_MARKER, BOOT).unwrap();
     let t_ready = t0.elapsed();
     let ra = vm_a.result(JOB).unwrap();
@@ -102,7 +90,7 @@ fn two_guests_on_a_wire_ping_each_other() {
 
 #[test]
 fn tcp_payload_crosses_the_wire_intact() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const BYTES: usize = 1 << 20;
     let expected = sha256_hex(&payload(BYTES)).unwrap();
@@ -111,12 +99,12 @@ fn tcp_payload_crosses_the_wire_intact() {
     let t0 = Instant::now();
     let mut rx = QemuGuest::spawn(
         &img,
-        guest("wire-rx", nb, "tcp-recv", &["vio.ip=10.0.0.2/24", &bytes]),
+        GuestConfig::net_job("wire-rx", nb, "tcp-recv", &["vio.ip=10.0.0.2/24", &bytes]),
     )
     .unwrap();
     let mut tx = QemuGuest::spawn(
         &img,
-        guest(
+        GuestConfig::net_job(
             "wire-tx",
             na,
             "tcp-send",
@@ -148,13 +136,13 @@ fn tcp_payload_crosses_the_wire_intact() {
 
 #[test]
 fn ping_loop_sees_a_killed_peer_come_back() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let (na, nb) = GuestNet::udp_pair(&mac(1), &mac(2)).unwrap();
     let t0 = Instant::now();
     let mut a = QemuGuest::spawn(
         &img,
-        guest(
+        GuestConfig::net_job(
             "wire-loop",
             na,
             "ping-loop",
@@ -170,7 +158,7 @@ fn ping_loop_sees_a_killed_peer_come_back() {
     .unwrap();
     let mut b = QemuGuest::spawn(
         &img,
-        guest("wire-serve", nb.clone(), "serve", &["vio.ip=10.0.0.2/24"]),
+        GuestConfig::net_job("wire-serve", nb.clone(), "serve", &["vio.ip=10.0.0.2/24"]),
     )
     .unwrap();
     b.wait_for(READY_MARKER, BOOT).unwrap();
@@ -182,7 +170,7 @@ fn ping_loop_sees_a_killed_peer_come_back() {
     let t_down = t0.elapsed();
     let mut b2 = QemuGuest::spawn(
         &img,
-        guest("wire-serve2", nb, "serve", &["vio.ip=10.0.0.2/24"]),
+        GuestConfig::net_job("wire-serve2", nb, "serve", &["vio.ip=10.0.0.2/24"]),
     )
     .unwrap();
     let r = a.result(JOB).unwrap();
@@ -266,7 +254,7 @@ impl Drop for TestPmd {
 
 #[test]
 fn vhost_user_guests_ping_through_dpdk_testpmd() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     let dir = vioswitch_testkit::temp_dir("vioswitch-testpmd").unwrap();
     let pmd = TestPmd::spawn(&dir);
@@ -346,7 +334,7 @@ impl Drop for QsdDisk {
 
 #[test]
 fn blk_sum_of_a_disk_matches_the_host() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const LEN: u64 = 16 << 20;
     let content = payload(LEN as usize);
@@ -372,7 +360,7 @@ fn blk_sum_of_a_disk_matches_the_host() {
 
 #[test]
 fn blk_write_with_fsync_lands_in_the_backing_file() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const LEN: u64 = 8 << 20;
     // Neither the offset nor the length is a multiple of the sector size.
@@ -413,7 +401,7 @@ fn blk_write_with_fsync_lands_in_the_backing_file() {
 
 #[test]
 fn blk_fs_file_survives_a_guest_reboot() {
-    let _g = serial();
+    let _g = one_at_a_time();
     let img = image();
     const LEN: u64 = 32 << 20;
     let disk = QsdDisk::new("fs", LEN, &[]);
