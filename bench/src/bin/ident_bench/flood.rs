@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vioswitch_testkit::guest::{NetGuest, NetGuestConfig};
 
-use crate::rig::{dst_of, mac_str, seq_of, udp_frame, Switch};
+use crate::rig::{dst_of, seq_of, udp_frame, Switch};
 use crate::{stopped, BenchError};
+use vioswitch_testkit::frames::mac_str;
 
 /// Frames per `send_burst`, bursts per pass at most, frames taken from
 /// p1 per pass at most.
@@ -98,9 +99,9 @@ impl Flood {
         };
         let (p0, p1) = match config {
             Config::Mapping => (
-                json!({"name": "p0", "guest_mac": mac_str(SRC_GUEST_MAC),
+                json!({"name": "p0", "guest_mac": mac_str(&SRC_GUEST_MAC),
                     "ip_map": [format!("{SRC_IP}={SRC_GUEST_IP}")]}),
-                json!({"name": "p1", "guest_mac": mac_str(DST_GUEST_MAC),
+                json!({"name": "p1", "guest_mac": mac_str(&DST_GUEST_MAC),
                     "ip_map": [format!("{DST_IP}={DST_GUEST_IP}")]}),
             ),
             _ => (json!({"name": "p0"}), json!({"name": "p1"})),
@@ -110,7 +111,7 @@ impl Flood {
         let mut bind = |name: &str, mac: [u8; 6], ip: Ipv4Addr, port: &str| {
             sw.call(
                 "identity.add",
-                json!({"name": name, "mac": mac_str(mac), "ips": [ip.to_string()]}),
+                json!({"name": name, "mac": mac_str(&mac), "ips": [ip.to_string()]}),
             )?;
             sw.call("identity.bind", json!({"name": name, "port": port}))
         };

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vioswitch_testkit::guest::{GuestError, NetGuest, NetGuestConfig};
 
-use crate::rig::{connect, dst_of, mac_str, seq_of, udp_frame, Lines, Stamp, Switch};
+use crate::rig::{connect, dst_of, seq_of, udp_frame, Lines, Stamp, Switch};
 use crate::{stopped, BenchError};
+use vioswitch_testkit::frames::mac_str;
 
 /// The identity's MAC and address.
 pub const IDENT: [u8; 6] = [0x02, 0x1d, 0, 0, 0, 0x01];
@@ -152,7 +153,7 @@ impl Live {
         }
         let cfg = NetGuestConfig::default();
         let mut side = |i: usize| {
-            let args = json!({"name": SIDES[i], "guest_mac": mac_str(EXPECT[i]),
+            let args = json!({"name": SIDES[i], "guest_mac": mac_str(&EXPECT[i]),
                 "ip_map": [format!("{IP}={}", GUEST_IPS[i])]});
             sw.plug(args, &cfg)
         };
@@ -162,7 +163,7 @@ impl Live {
         let standby: Vec<&str> = if standby { SIDES.to_vec() } else { Vec::new() };
         sw.call(
             "identity.add",
-            json!({"name": "svc", "mac": mac_str(IDENT), "ips": [IP.to_string()],
+            json!({"name": "svc", "mac": mac_str(&IDENT), "ips": [IP.to_string()],
                 "standby": standby, "stall_ms": stall_ms}),
         )?;
         sw.call("identity.bind", json!({"name": "svc", "port": "a"}))?;

@@ -270,14 +270,6 @@ impl Stamp {
     }
 }
 
-/// A MAC address as the control socket writes it.
-pub fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// An IPv4/UDP frame of `len` bytes (no FCS) to [`UDP_PORT`], its payload
 /// starting with `seq`.
 pub fn udp_frame(
@@ -315,6 +307,7 @@ pub fn dst_of(f: &[u8]) -> [u8; 6] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vioswitch_testkit::frames::mac_str;
 
     #[test]
     fn frames_carry_their_sequence_and_size() {
@@ -331,6 +324,6 @@ mod tests {
         let mut arp = f.clone();
         arp[12..14].copy_from_slice(&[8, 6]);
         assert_eq!(seq_of(&arp, arp.len()), None);
-        assert_eq!(mac_str(a), "02:00:00:00:00:01");
+        assert_eq!(mac_str(&a), "02:00:00:00:00:01");
     }
 }
