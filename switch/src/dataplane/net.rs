@@ -759,7 +759,7 @@ fn forward(
     len: u32,
     ctx: &mut Ctx<'_>,
 ) {
-    let port = &mut ports[src_pos];
+    let port = &ports[src_pos];
     let f = FrameRef {
         head: &[],
         segs: src,
@@ -770,14 +770,16 @@ fn forward(
         hash: 0,
         gen: ctx.gen,
     };
-    if port.settings.policy.is_none() {
+    let Some(policy) = port.settings.policy.as_deref() else {
         return switch(ports, src_pos, f, ctx);
-    }
+    };
+    // The guest's addresses translated to its identity's, then its
+    // sources checked, on a copy of the frame's head.
     let mut win = [0u8; WINDOW];
     let w = (len as usize).min(WINDOW);
     f.copy_head(&mut win[..w]);
-    if let Err(why) = apply_identity(port, &mut win[..w], len) {
-        port.stats.count_drop(why);
+    if let Err(v) = idframe::ingress(&mut win[..w], len as usize, policy, port.guest_mac()) {
+        port.stats.count_drop(v.into());
         return;
     }
     let f = FrameRef {
@@ -785,16 +787,6 @@ fn forward(
         ..f
     };
     switch(ports, src_pos, f, ctx);
-}
-
-/// Translate a frame's head (`win`) from the guest's addresses to its
-/// identity's and check its sources. The frame is `len` bytes long.
-#[inline]
-fn apply_identity(port: &NetPort, win: &mut [u8], len: u32) -> Result<(), DropReason> {
-    let Some(policy) = port.settings.policy.as_deref() else {
-        return Ok(());
-    };
-    idframe::ingress(win, len as usize, policy, port.guest_mac()).map_err(DropReason::from)
 }
 
 /// The L2 forwarding decision for a frame `ports[src_pos]` sent, and its
